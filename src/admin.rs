@@ -1,0 +1,63 @@
+//! The admin listener: liveness at `/health`, readiness at `/ready` (503 until every account
+//! holds a usable token).
+
+use crate::identity::Account;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+/// Answers one admin request.
+pub fn respond(request: &Request<Incoming>, accounts: &[Arc<Account>]) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method_not_allowed"}"#.into());
+    }
+    match request.uri().path() {
+        "/health" | "/healthz" | "/live" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        "/ready" | "/readyz" => readiness(accounts),
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#.into()),
+    }
+}
+
+fn readiness(accounts: &[Arc<Account>]) -> Response<Full<Bytes>> {
+    let waiting: Vec<serde_json::Value> = accounts
+        .iter()
+        .filter(|a| !a.is_ready())
+        .map(|a| {
+            let reason = a.unavailable().failure.map(|f| f.to_string());
+            serde_json::json!({"account": a.name(), "reason": reason})
+        })
+        .collect();
+    if waiting.is_empty() {
+        json(StatusCode::OK, r#"{"status":"ready"}"#.into())
+    } else {
+        let body = serde_json::json!({"status": "not_ready", "waiting": waiting});
+        json(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Makes the admin service for one connection.
+pub fn service(
+    accounts: Arc<[Arc<Account>]>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+> + Clone {
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        std::future::ready(Ok(respond(&request, &accounts)))
+    })
+}

@@ -1,0 +1,160 @@
+//! Bind, then run: the proxy's listeners, accounts and background tasks as one value.
+
+use crate::config::Config;
+use crate::identity::account::{keep_fresh, Policies};
+use crate::identity::{Account, IdentityClient};
+use crate::proxy::forward::upstream_client;
+use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
+use crate::server::serve;
+use crate::shutdown::Shutdown;
+use crate::tls::{client_config, TlsError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Why the proxy cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot create the identity service client")]
+    IdentityClient(#[source] reqwest::Error),
+}
+
+/// A proxy whose listeners are bound and whose accounts are created; nothing runs yet.
+pub struct App {
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    proxy: Arc<Proxy>,
+    accounts: Arc<[Arc<Account>]>,
+    identity: IdentityClient,
+    policies: Policies,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    /// Binds the listeners (port 0 picks a free port) and builds the proxy from `config`.
+    pub async fn bind(config: Config) -> Result<App, StartError> {
+        let tls = client_config(config.tls.native_roots)?;
+        let identity = IdentityClient::new(
+            &config.identity.origin,
+            config.identity.timeout,
+            config.identity.max_reply_bytes,
+            tls.clone(),
+        )
+        .map_err(StartError::IdentityClient)?;
+        let accounts: Arc<[Arc<Account>]> = config
+            .accounts
+            .iter()
+            .map(|a| Arc::new(Account::new(&a.name, &a.client_id, a.secret.clone())))
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route::new(r, accounts[r.account].clone()))
+            .collect();
+        let proxy = Arc::new(Proxy::new(
+            RouteTable::new(routes),
+            upstream_client(tls, config.server.connect_timeout),
+            config.server.upstream_timeout,
+            config.server.token_wait,
+        ));
+        let listener = bind(config.server.listen).await?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        Ok(App {
+            listener,
+            admin,
+            local_addr,
+            admin_addr,
+            proxy,
+            accounts,
+            identity,
+            policies: Policies {
+                refresh: config.identity.refresh.clone(),
+                retry: config.identity.retry.clone(),
+            },
+            shutdown_grace: config.server.shutdown_grace,
+        })
+    }
+
+    /// Returns the address the proxy listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Returns the address of the admin listener, if one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Returns the accounts, whose readiness can be watched.
+    pub fn accounts(&self) -> Arc<[Arc<Account>]> {
+        self.accounts.clone()
+    }
+
+    /// Starts the token refreshers and serves until `shutdown`, then drains for the grace period.
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for account in self.accounts.iter() {
+            tasks.spawn(keep_fresh(
+                account.clone(),
+                self.identity.clone(),
+                self.policies.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(admin) = self.admin {
+            let accounts = self.accounts.clone();
+            tasks.spawn(serve(
+                admin,
+                move |_| crate::admin::service(accounts.clone()),
+                shutdown.clone(),
+                self.shutdown_grace,
+            ));
+        }
+        let proxy = self.proxy.clone();
+        tracing::info!(
+            listen = %self.local_addr,
+            admin = ?self.admin_addr,
+            routes = proxy.routes().routes().len(),
+            accounts = self.accounts.len(),
+            "proxy listening"
+        );
+        serve(
+            self.listener,
+            move |peer| ProxyService::new(proxy.clone(), peer),
+            shutdown,
+            self.shutdown_grace,
+        )
+        .await;
+        // Every task watches the same signal; bound the wait anyway.
+        let _ = tokio::time::timeout(self.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        tracing::info!("proxy stopped");
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}

@@ -1,0 +1,711 @@
+//! Configuration in two stages: TOML text → a table walked key by key → a validated [`Config`].
+//!
+//! Every bad key is reported at once, each with its fix. Errors never echo values that may
+//! be secret, and never the file's text.
+
+mod section;
+
+use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
+use crate::secret::Secret;
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use section::Section;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the proxy listens unless told otherwise: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The Mosaic identity service of the EU region.
+pub const DEFAULT_IDENTITY_ORIGIN: &str = "https://id.service.eu.axinom.net";
+/// How long one token request may take, connect to last byte.
+pub const DEFAULT_IDENTITY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the upstream may take to send its response head.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection to an upstream may take to open.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for requests in flight.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a request waits for a token that is being fetched before it is answered 503.
+pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(5);
+/// The largest identity reply read before it is called broken.
+pub const DEFAULT_MAX_REPLY_BYTES: u64 = 64 * 1024;
+
+/// One bad key: its dotted name, what is wrong and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+/// Every problem found in one configuration, reported together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "the configuration has {n} problem{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  {}: {} (fix: {})", e.key, e.problem, e.fix)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The validated configuration of a proxy.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub identity: IdentityConfig,
+    pub tls: TlsConfig,
+    pub accounts: Vec<AccountConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// Things that work but deserve a word at start-up (an inline secret, a dropped path).
+    pub warnings: Vec<String>,
+}
+
+/// The `[server]` table.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub upstream_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub token_wait: Duration,
+}
+
+/// The `[identity]` table.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// `scheme://authority` of the identity service; `/graphql` is resolved against it.
+    pub origin: String,
+    pub timeout: Duration,
+    pub max_reply_bytes: u64,
+    pub refresh: RefreshPolicy,
+    pub retry: RetryPolicy,
+}
+
+/// The `[tls]` table: how upstreams and the identity service are verified.
+#[derive(Clone, Debug, Default)]
+pub struct TlsConfig {
+    /// Trust the operating system's roots in addition to the bundled web PKI roots.
+    pub native_roots: bool,
+}
+
+/// One named service account of `[accounts.NAME]`.
+#[derive(Clone, Debug)]
+pub struct AccountConfig {
+    pub name: String,
+    pub client_id: String,
+    pub secret: Secret,
+    pub secret_source: SecretSource,
+}
+
+/// Where an account's client secret came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+    Inline,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Starts with `/`, no trailing `/` except for the root.
+    pub path_prefix: String,
+    pub upstream: Upstream,
+    pub strip_prefix: bool,
+    /// Index into [`Config::accounts`].
+    pub account: usize,
+}
+
+/// An upstream base URL, split into the parts a request is built from.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Empty, or starts with `/` and has no trailing `/`.
+    pub base_path: String,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+/// Looks up an environment variable; tests pass their own instead of touching the process.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Reads and validates the file at `path`, resolving secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: path.display().to_string(),
+                problem: format!("cannot be read: {e}"),
+                fix: "pass an existing file with --config".into(),
+            }])
+        })?;
+        Config::parse(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates configuration text, looking environment variables up with `env`.
+    pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
+        let root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            // The parser's own rendering quotes the offending line, which may hold a secret.
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+            ConfigErrors(vec![ConfigError {
+                key: line.map_or("(file)".into(), |l| format!("line {l}")),
+                problem: format!("is not valid TOML: {}", e.message().trim_end()),
+                fix: "correct the syntax at that line".into(),
+            }])
+        })?;
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        let mut top = Section::new(
+            "",
+            &root,
+            &["server", "identity", "tls", "accounts", "routes"],
+        );
+        let empty = toml::Table::new();
+        let server = parse_server(top.table("server").unwrap_or(&empty), &mut errors);
+        let identity = parse_identity(
+            top.table("identity").unwrap_or(&empty),
+            &mut errors,
+            &mut warnings,
+        );
+        let tls = parse_tls(top.table("tls").unwrap_or(&empty), &mut errors);
+        let accounts = match top.table("accounts") {
+            Some(t) => parse_accounts(t, env, &mut errors, &mut warnings),
+            None => {
+                top.error(
+                    "accounts",
+                    "is missing",
+                    "add a table [accounts.NAME] with client_id and client_secret_env",
+                );
+                Vec::new()
+            }
+        };
+        let routes = match top.array("routes") {
+            Some(list) => parse_routes(list, &accounts, &mut errors),
+            None => {
+                if !root.contains_key("routes") {
+                    top.error(
+                        "routes",
+                        "is missing",
+                        "add at least one [[routes]] with upstream and account",
+                    );
+                }
+                Vec::new()
+            }
+        };
+        errors.splice(0..0, top.errors);
+        if errors.is_empty() {
+            Ok(Config {
+                server,
+                identity,
+                tls,
+                accounts,
+                routes,
+                warnings,
+            })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -> ServerConfig {
+    let mut s = Section::new(
+        "server",
+        table,
+        &[
+            "listen",
+            "admin_listen",
+            "upstream_timeout",
+            "connect_timeout",
+            "shutdown_grace",
+            "token_wait",
+        ],
+    );
+    let listen = s
+        .socket_addr("listen")
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses"));
+    let config = ServerConfig {
+        listen,
+        admin_listen: s.socket_addr("admin_listen"),
+        upstream_timeout: s.duration("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT),
+        connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        shutdown_grace: s.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
+        token_wait: s.duration("token_wait", DEFAULT_TOKEN_WAIT),
+    };
+    for (key, value) in [
+        ("upstream_timeout", config.upstream_timeout),
+        ("connect_timeout", config.connect_timeout),
+    ] {
+        if value.is_zero() {
+            s.error(key, "is zero", "use a positive duration such as \"30s\"");
+        }
+    }
+    errors.extend(s.errors);
+    config
+}
+
+fn parse_identity(
+    table: &toml::Table,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> IdentityConfig {
+    let mut s = Section::new(
+        "identity",
+        table,
+        &[
+            "origin",
+            "timeout",
+            "max_reply_bytes",
+            "refresh_at",
+            "refresh_margin",
+            "expiry_margin",
+            "refresh_jitter",
+            "retry_initial",
+            "retry_max",
+            "permanent_retry",
+        ],
+    );
+    let defaults_refresh = RefreshPolicy::default();
+    let defaults_retry = RetryPolicy::default();
+    let origin = s.string("origin").unwrap_or(DEFAULT_IDENTITY_ORIGIN);
+    let origin = match parse_base_url(origin) {
+        Ok((scheme, authority, path)) => {
+            if !path.is_empty() {
+                warnings.push(format!(
+                    "identity.origin: the path {path:?} is ignored; the token request goes to {scheme}://{authority}/graphql"
+                ));
+            }
+            format!("{scheme}://{authority}")
+        }
+        Err(problem) => {
+            s.error(
+                "origin",
+                problem,
+                "write the identity service's origin, such as \"https://id.service.eu.axinom.net\"",
+            );
+            String::new()
+        }
+    };
+    let config = IdentityConfig {
+        origin,
+        timeout: s.duration("timeout", DEFAULT_IDENTITY_TIMEOUT),
+        max_reply_bytes: s.integer(
+            "max_reply_bytes",
+            DEFAULT_MAX_REPLY_BYTES,
+            (1024, 16 * 1024 * 1024),
+        ),
+        refresh: RefreshPolicy {
+            fraction: s.fraction("refresh_at", defaults_refresh.fraction, (0.1, 0.95)),
+            refresh_margin: s.duration("refresh_margin", defaults_refresh.refresh_margin),
+            expiry_margin: s.duration("expiry_margin", defaults_refresh.expiry_margin),
+            jitter: s.fraction("refresh_jitter", defaults_refresh.jitter, (0.0, 0.25)),
+        },
+        retry: RetryPolicy {
+            initial: s.duration("retry_initial", defaults_retry.initial),
+            max: s.duration("retry_max", defaults_retry.max),
+            permanent: s.duration("permanent_retry", defaults_retry.permanent),
+        },
+    };
+    if config.timeout.is_zero() {
+        s.error("timeout", "is zero", "use a positive duration such as \"10s\"");
+    }
+    if config.retry.initial.is_zero() {
+        s.error(
+            "retry_initial",
+            "is zero",
+            "use a positive duration such as \"500ms\"",
+        );
+    }
+    if config.retry.max < config.retry.initial {
+        s.error(
+            "retry_max",
+            "is shorter than identity.retry_initial",
+            "make retry_max at least as long as retry_initial",
+        );
+    }
+    if config.retry.permanent < config.retry.initial {
+        s.error(
+            "permanent_retry",
+            "is shorter than identity.retry_initial",
+            "make permanent_retry at least as long as retry_initial",
+        );
+    }
+    errors.extend(s.errors);
+    config
+}
+
+fn parse_tls(table: &toml::Table, errors: &mut Vec<ConfigError>) -> TlsConfig {
+    let mut s = Section::new("tls", table, &["native_roots"]);
+    let config = TlsConfig {
+        native_roots: s.bool("native_roots", false),
+    };
+    errors.extend(s.errors);
+    config
+}
+
+fn parse_accounts(
+    table: &toml::Table,
+    env: EnvLookup<'_>,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> Vec<AccountConfig> {
+    let mut accounts = Vec::new();
+    if table.is_empty() {
+        errors.push(ConfigError {
+            key: "accounts".into(),
+            problem: "names no account".into(),
+            fix: "add a table [accounts.NAME] with client_id and client_secret_env".into(),
+        });
+    }
+    for (name, value) in table {
+        let path = format!("accounts.{name}");
+        let Some(t) = value.as_table() else {
+            errors.push(ConfigError {
+                key: path,
+                problem: format!("must be a table, found a {}", value.type_str()),
+                fix: format!("write it as [accounts.{name}] with client_id and client_secret_env"),
+            });
+            continue;
+        };
+        let mut s = Section::new(
+            path,
+            t,
+            &[
+                "client_id",
+                "client_secret_env",
+                "client_secret_file",
+                "client_secret",
+            ],
+        );
+        let client_id = s.required_string(
+            "client_id",
+            "set it to the service account's Client ID from the Mosaic management system",
+        );
+        if client_id.is_some_and(|id| id.trim().is_empty()) {
+            s.error(
+                "client_id",
+                "is empty",
+                "set it to the service account's Client ID",
+            );
+        }
+        let secret = resolve_secret(&mut s, name, env, warnings);
+        if let (Some(client_id), Some((secret, secret_source))) = (client_id, secret) {
+            accounts.push(AccountConfig {
+                name: name.clone(),
+                client_id: client_id.trim().to_string(),
+                secret,
+                secret_source,
+            });
+        }
+        errors.extend(s.errors);
+    }
+    accounts
+}
+
+fn resolve_secret(
+    s: &mut Section<'_>,
+    name: &str,
+    env: EnvLookup<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<(Secret, SecretSource)> {
+    let from_env = s.string("client_secret_env");
+    let from_file = s.string("client_secret_file");
+    let inline = s.string("client_secret");
+    let given = [from_env.is_some(), from_file.is_some(), inline.is_some()];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
+            s.error(
+                "client_secret_env",
+                "is missing (no client secret is configured)",
+                "name the environment variable that holds the secret, or set client_secret_file",
+            );
+            return None;
+        }
+        1 => {}
+        _ => {
+            s.error(
+                "client_secret_env",
+                "is given together with another client_secret key",
+                "keep exactly one of client_secret_env, client_secret_file and client_secret",
+            );
+            return None;
+        }
+    }
+    if let Some(var) = from_env {
+        return match env(var) {
+            Some(value) if !value.trim().is_empty() => {
+                Some((Secret::new(value.trim()), SecretSource::Env(var.into())))
+            }
+            Some(_) => {
+                s.error(
+                    "client_secret_env",
+                    format!("names {var}, which is empty"),
+                    format!("put the account's client secret in {var}"),
+                );
+                None
+            }
+            None => {
+                s.error(
+                    "client_secret_env",
+                    format!("names {var}, which is not set"),
+                    format!("export {var} with the account's client secret"),
+                );
+                None
+            }
+        };
+    }
+    if let Some(file) = from_file {
+        let path = PathBuf::from(file);
+        return match read_secret_file(&path) {
+            Ok(secret) => Some((secret, SecretSource::File(path))),
+            Err(problem) => {
+                s.error(
+                    "client_secret_file",
+                    problem,
+                    "point it at a readable file that holds only the client secret",
+                );
+                None
+            }
+        };
+    }
+    let value = inline.unwrap_or_default();
+    if value.trim().is_empty() {
+        s.error(
+            "client_secret",
+            "is empty",
+            "use client_secret_env or client_secret_file instead",
+        );
+        return None;
+    }
+    warnings.push(format!(
+        "accounts.{name}.client_secret is written in the configuration file; prefer client_secret_env or client_secret_file"
+    ));
+    Some((Secret::new(value.trim()), SecretSource::Inline))
+}
+
+/// Reads a secret file: its content less surrounding white space, which must not be empty.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(Secret::new(text.trim())),
+        Ok(_) => Err(format!("names {}, which is empty", path.display())),
+        Err(e) => Err(format!("names {}, which cannot be read: {e}", path.display())),
+    }
+}
+
+fn parse_routes(
+    list: &[toml::Value],
+    accounts: &[AccountConfig],
+    errors: &mut Vec<ConfigError>,
+) -> Vec<RouteConfig> {
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    if list.is_empty() {
+        errors.push(ConfigError {
+            key: "routes".into(),
+            problem: "is empty".into(),
+            fix: "add at least one [[routes]] with upstream and account".into(),
+        });
+    }
+    let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    for (i, value) in list.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(t) = value.as_table() else {
+            errors.push(ConfigError {
+                key: path,
+                problem: format!("must be a table, found a {}", value.type_str()),
+                fix: "write each route as a [[routes]] table".into(),
+            });
+            continue;
+        };
+        let mut s = Section::new(
+            path,
+            t,
+            &["host", "path_prefix", "upstream", "strip_prefix", "account"],
+        );
+        let host = s.string("host").and_then(|h| match normalize_host(h) {
+            Some(h) => Some(h),
+            None => {
+                s.error(
+                    "host",
+                    format!("{h:?} is not a host name"),
+                    "write a host name without scheme or path, such as \"media.example.com\"",
+                );
+                None
+            }
+        });
+        let prefix = s.string("path_prefix").unwrap_or("/");
+        let path_prefix = match normalize_prefix(prefix) {
+            Some(p) => p,
+            None => {
+                s.error(
+                    "path_prefix",
+                    format!("{prefix:?} is not a path"),
+                    "start it with \"/\", such as \"/media\"",
+                );
+                "/".into()
+            }
+        };
+        let upstream = s
+            .required_string(
+                "upstream",
+                "set the upstream base URL, such as \"https://media.service.eu.axinom.net\"",
+            )
+            .and_then(|u| match parse_base_url(u) {
+                Ok((scheme, authority, base_path)) => Some(Upstream {
+                    scheme,
+                    authority,
+                    base_path,
+                }),
+                Err(problem) => {
+                    s.error(
+                        "upstream",
+                        problem,
+                        "write an http:// or https:// URL, such as \"https://media.service.eu.axinom.net\"",
+                    );
+                    None
+                }
+            });
+        let strip_prefix = s.bool("strip_prefix", false);
+        let account = s
+            .required_string("account", "name one of the [accounts.NAME] tables")
+            .and_then(|name| match accounts.iter().position(|a| a.name == name) {
+                Some(i) => Some(i),
+                None => {
+                    let known: Vec<&str> = accounts.iter().map(|a| a.name.as_str()).collect();
+                    s.error(
+                        "account",
+                        format!("names {name:?}, which is not a configured account"),
+                        format!("use one of: {}", known.join(", ")),
+                    );
+                    None
+                }
+            });
+        if let Some(first) = seen.insert((host.clone(), path_prefix.clone()), i) {
+            s.error(
+                "path_prefix",
+                format!("repeats the host and path_prefix of routes[{first}]"),
+                "remove one of the two routes or make them differ",
+            );
+        }
+        if let (Some(upstream), Some(account)) = (upstream, account) {
+            routes.push(RouteConfig {
+                host,
+                path_prefix,
+                upstream,
+                strip_prefix,
+                account,
+            });
+        }
+        errors.extend(s.errors);
+    }
+    routes
+}
+
+fn normalize_host(host: &str) -> Option<String> {
+    let host = host.trim().to_ascii_lowercase();
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+    // A port, if written, is not part of matching: the Host header's port is ignored too.
+    valid.then(|| strip_port(&host).to_string())
+}
+
+/// Returns `host` without a trailing `:port` (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    host.split_once(':').map_or(host, |(h, _)| h)
+}
+
+fn normalize_prefix(prefix: &str) -> Option<String> {
+    if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+        return None;
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    Some(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    })
+}
+
+/// Splits an `http(s)://authority/path` base URL; the path comes back without a trailing `/`.
+fn parse_base_url(text: &str) -> Result<(Scheme, Authority, String), String> {
+    let uri: Uri = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a URL"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} has no scheme"))?;
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err(format!("{text:?} uses the scheme {scheme}, not http or https"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{text:?} carries user information"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{text:?} carries a query"));
+    }
+    let path = uri.path().trim_end_matches('/').to_string();
+    Ok((scheme, authority, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("a.example:8080"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn prefixes_lose_their_trailing_slash() {
+        assert_eq!(normalize_prefix("/media/").as_deref(), Some("/media"));
+        assert_eq!(normalize_prefix("/").as_deref(), Some("/"));
+        assert_eq!(normalize_prefix("media"), None);
+    }
+
+    #[test]
+    fn base_urls_keep_their_path_without_trailing_slash() {
+        let (scheme, authority, path) = parse_base_url("https://a.example:8443/v1/").unwrap();
+        assert_eq!(scheme, Scheme::HTTPS);
+        assert_eq!(authority.as_str(), "a.example:8443");
+        assert_eq!(path, "/v1");
+        assert!(parse_base_url("ftp://a.example").is_err());
+        assert!(parse_base_url("https://user:pw@a.example").is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! mosaic-auth-proxy: an authenticating reverse proxy for Axinom Mosaic.
+//!
+//! For each configured service account the proxy obtains an access token from the Mosaic
+//! identity service (`authenticateServiceAccount`), caches it in an `ArcSwap` and refreshes
+//! it ahead of expiry from one background task per account ([`identity`]). A request flows
+//! through [`proxy`]: it is matched to a route by host and path prefix, given the route's
+//! account's `Authorization: Bearer <jwt>` (read lock-free, never formatted per request),
+//! stripped of hop-by-hop headers and client credentials, and streamed to the upstream; the
+//! response streams back. [`app::App`] binds the listeners, then runs until shutdown.
+//! [`stub`] holds local stand-ins for the identity service and a Mosaic service.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod identity;
+pub mod jwt;
+pub mod mosaic;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod shutdown;
+pub mod stub;
+pub mod tls;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,274 @@
+//! The command line: parse arguments, set up logging, load the configuration, bind, run.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mosaic_auth_proxy::config::Config;
+use mosaic_auth_proxy::demo::{self, DemoOptions};
+use mosaic_auth_proxy::shutdown::{self, ShutdownTrigger};
+use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubAccount, StubSettings};
+use mosaic_auth_proxy::App;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit status for a bad configuration or bad arguments (BSD `EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status when the proxy cannot start (BSD `EX_UNAVAILABLE`).
+const EXIT_START: u8 = 69;
+
+#[derive(Parser)]
+#[command(version, about = "Authenticating reverse proxy for Axinom Mosaic service accounts")]
+struct Cli {
+    /// Log format on standard error; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the given configuration.
+    Run {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration (secrets included) without serving.
+    Check {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Run the identity stand-in, a Mosaic stand-in and the proxy on loopback, and show a
+    /// request going through. Needs no credentials.
+    Demo {
+        #[arg(long, default_value = mosaic_auth_proxy::config::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Lifetime of the stand-in's tokens, such as "60s".
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+        /// Stop after the first request.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Serve a local stand-in for the Mosaic identity service.
+    IdentityStub {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Lifetime of issued tokens (down to 1s).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+        /// An account as CLIENT_ID:CLIENT_SECRET; repeat for more (default demo-client:demo-secret).
+        #[arg(long = "account", value_parser = parse_account)]
+        accounts: Vec<(String, String)>,
+        /// A permission of every account as SERVICE=KEY[,KEY...]; repeatable.
+        #[arg(long = "permission", value_parser = parse_permission)]
+        permissions: Vec<(String, Vec<String>)>,
+        #[arg(long)]
+        tenant_id: Option<String>,
+        #[arg(long)]
+        environment_id: Option<String>,
+        /// A PKCS#8 PEM RSA key to sign with, instead of the bundled stand-in key.
+        #[arg(long)]
+        signing_key: Option<PathBuf>,
+    },
+}
+
+fn parse_account(text: &str) -> Result<(String, String), String> {
+    text.split_once(':')
+        .filter(|(id, secret)| !id.is_empty() && !secret.is_empty())
+        .map(|(id, secret)| (id.to_owned(), secret.to_owned()))
+        .ok_or_else(|| "write the account as CLIENT_ID:CLIENT_SECRET".into())
+}
+
+fn parse_permission(text: &str) -> Result<(String, Vec<String>), String> {
+    text.split_once('=')
+        .filter(|(service, keys)| !service.is_empty() && !keys.is_empty())
+        .map(|(service, keys)| (service.to_owned(), keys.split(',').map(str::to_owned).collect()))
+        .ok_or_else(|| "write the permission as SERVICE=KEY[,KEY...]".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {warning}");
+                }
+                println!(
+                    "configuration is valid: {} account(s), {} route(s), listening on {}",
+                    config.accounts.len(),
+                    config.routes.len(),
+                    config.server.listen
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("error: {errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprint!("error: {errors}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
+            let app = match App::bind(config).await {
+                Ok(app) => app,
+                Err(error) => {
+                    tracing::error!(error = %mosaic_auth_proxy::identity::account::error_chain(&error), "cannot start");
+                    return ExitCode::from(EXIT_START);
+                }
+            };
+            let (trigger, signal) = shutdown::channel();
+            tokio::spawn(stop_on_signal(trigger));
+            app.run(signal).await;
+            ExitCode::SUCCESS
+        }
+        Command::Demo {
+            listen,
+            token_lifetime,
+            once,
+        } => {
+            let (trigger, signal) = shutdown::channel();
+            tokio::spawn(stop_on_signal(trigger.clone()));
+            let options = DemoOptions {
+                listen,
+                token_lifetime,
+                once,
+            };
+            let demo = demo::run(options, trigger, signal);
+            match demo.await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!(
+                        "error: {}",
+                        mosaic_auth_proxy::identity::account::error_chain(&error)
+                    );
+                    ExitCode::from(EXIT_START)
+                }
+            }
+        }
+        Command::IdentityStub {
+            listen,
+            lifetime,
+            accounts,
+            permissions,
+            tenant_id,
+            environment_id,
+            signing_key,
+        } => {
+            let key = match signing_key {
+                None => SigningKey::bundled(),
+                Some(path) => match std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| SigningKey::from_pem(&pem).map_err(|e| e.to_string()))
+                {
+                    Ok(key) => key,
+                    Err(error) => {
+                        eprintln!("error: --signing-key {}: {error}", path.display());
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+            };
+            let mut settings = StubSettings {
+                lifetime,
+                ..StubSettings::default()
+            };
+            if !accounts.is_empty() {
+                settings.accounts = accounts
+                    .iter()
+                    .map(|(id, secret)| StubAccount::new(id, secret))
+                    .collect();
+            }
+            if !permissions.is_empty() {
+                let map: BTreeMap<String, Vec<String>> = permissions.into_iter().collect();
+                for account in &mut settings.accounts {
+                    account.permissions = map.clone();
+                }
+            }
+            settings.tenant_id = tenant_id.unwrap_or(settings.tenant_id);
+            settings.environment_id = environment_id.unwrap_or(settings.environment_id);
+            let stub = match IdentityStub::bind(listen, settings, key).await {
+                Ok(stub) => stub,
+                Err(error) => {
+                    eprintln!("error: cannot listen on {listen}: {error}");
+                    return ExitCode::from(EXIT_START);
+                }
+            };
+            let handle = stub.handle();
+            tracing::info!(origin = handle.origin(), jwks = %handle.jwks_url(), "identity stand-in listening");
+            let (trigger, signal) = shutdown::channel();
+            tokio::spawn(stop_on_signal(trigger));
+            stub.run(signal).await;
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn stop_on_signal(trigger: ShutdownTrigger) {
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    trigger.trigger();
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,88 @@
+//! Every way a proxied request can fail, and the one table that maps each to a status.
+
+use super::service::ProxyBody;
+use crate::identity::TokenUnavailable;
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+use std::time::Duration;
+
+/// A failed request, classified by who is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this host and path")]
+    NoRoute,
+    #[error("CONNECT is not served: this proxy is not an open proxy")]
+    Connect,
+    #[error("absolute-form request for a host that no route names: this proxy is not an open proxy")]
+    ForeignHost,
+    #[error("the request target cannot be forwarded")]
+    BadTarget(#[source] http::Error),
+    #[error("no access token is available for account {account}")]
+    TokenUnavailable {
+        account: String,
+        cause: TokenUnavailable,
+    },
+    #[error("cannot connect to the upstream")]
+    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    #[error("the upstream did not answer within {}", humantime::format_duration(*.0))]
+    UpstreamTimeout(Duration),
+    #[error("the upstream connection failed")]
+    Upstream(#[source] hyper_util::client::legacy::Error),
+}
+
+/// Who caused a failure: decides the log level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Identity,
+}
+
+impl ProxyError {
+    /// The one status table: each failure's status, stable code and who is at fault.
+    pub fn classify(&self) -> (StatusCode, &'static str, Fault) {
+        match self {
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route", Fault::Client),
+            ProxyError::Connect => (StatusCode::METHOD_NOT_ALLOWED, "connect_refused", Fault::Client),
+            ProxyError::ForeignHost => (StatusCode::FORBIDDEN, "not_an_open_proxy", Fault::Client),
+            ProxyError::BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target", Fault::Client),
+            ProxyError::TokenUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "token_unavailable",
+                Fault::Identity,
+            ),
+            ProxyError::UpstreamConnect(_) => {
+                (StatusCode::BAD_GATEWAY, "upstream_unreachable", Fault::Upstream)
+            }
+            ProxyError::UpstreamTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Fault::Upstream)
+            }
+            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_failed", Fault::Upstream),
+        }
+    }
+
+    /// Builds the short JSON answer; it names the failure and never internals.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let (status, code, _) = self.classify();
+        let mut body = serde_json::json!({"error": code, "message": self.to_string()});
+        let mut retry_after = None;
+        if let ProxyError::TokenUnavailable { cause, .. } = self {
+            if let Some(failure) = &cause.failure {
+                body["reason"] = failure.to_string().into();
+            }
+            retry_after = Some(cause.retry_after_secs);
+        }
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,13 @@
+//! The forwarding path. A request goes through named phases: request filter (refuse what
+//! this proxy never serves), pick upstream ([`route`]), token, rewrite ([`headers`]), forward
+//! ([`forward`]), response filter; [`error`] maps every failure to one status by who is at fault.
+
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod route;
+pub mod service;
+
+pub use error::ProxyError;
+pub use route::{Route, RouteTable};
+pub use service::{Proxy, ProxyBody, ProxyService};

@@ -1,0 +1,202 @@
+//! Picking the route of a request: host first, then the longest path prefix.
+
+use crate::config::{strip_port, RouteConfig, Upstream};
+use crate::identity::Account;
+use std::sync::Arc;
+
+/// One route: which requests it takes, where they go and whose token they carry.
+#[derive(Debug)]
+pub struct Route {
+    host: Option<String>,
+    prefix: String,
+    pub upstream: Upstream,
+    strip_prefix: bool,
+    pub account: Arc<Account>,
+    /// `host/prefix`, for logs.
+    pub name: String,
+}
+
+impl Route {
+    /// Creates a route from its configuration and the account it names.
+    pub fn new(config: &RouteConfig, account: Arc<Account>) -> Route {
+        let name = format!(
+            "{}{}",
+            config.host.as_deref().unwrap_or("*"),
+            config.path_prefix
+        );
+        Route {
+            host: config.host.clone(),
+            prefix: config.path_prefix.clone(),
+            upstream: config.upstream.clone(),
+            strip_prefix: config.strip_prefix,
+            account,
+            name,
+        }
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        let host_ok = match (&self.host, host) {
+            (None, _) => true,
+            (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+            (Some(_), None) => false,
+        };
+        host_ok && prefix_matches(&self.prefix, path)
+    }
+
+    /// Returns the upstream's path and query for a request's `path` and `query`: the prefix
+    /// stripped if the route says so, the upstream's base path put in front, and any
+    /// `access_token` query parameter dropped.
+    pub fn upstream_path_and_query(&self, path: &str, query: Option<&str>) -> String {
+        let rest = if self.strip_prefix && self.prefix != "/" {
+            &path[self.prefix.len()..]
+        } else {
+            path
+        };
+        let mut out = String::with_capacity(
+            self.upstream.base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        out.push_str(&self.upstream.base_path);
+        if rest.is_empty() || !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        if let Some(query) = query {
+            super::headers::push_query_without_access_token(&mut out, query);
+        }
+        out
+    }
+}
+
+/// `/media` matches `/media`, `/media/x` and not `/mediax`; `/` matches everything.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || (path.starts_with(prefix)
+            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+}
+
+/// All routes, in the order they are tried.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Orders routes so the first match is the best: a route naming the host beats one that
+    /// does not; among those, the longest prefix wins.
+    pub fn new(mut routes: Vec<Route>) -> RouteTable {
+        routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.prefix.len())));
+        RouteTable { routes }
+    }
+
+    /// Finds the route of a request to `host` (port and case ignored) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes.iter().find(|r| r.matches(host, path))
+    }
+
+    /// Tells whether some route names `host` explicitly (port and case ignored).
+    pub fn names_host(&self, host: &str) -> bool {
+        let host = strip_port(host);
+        self.routes
+            .iter()
+            .any(|r| r.host.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(host)))
+    }
+
+    /// Returns the routes in match order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(routes: &str) -> RouteTable {
+        let text = format!(
+            "[accounts.a]\nclient_id = \"a\"\nclient_secret_env = \"S\"\n{routes}"
+        );
+        let config = Config::parse(&text, &|_| Some("s".into())).unwrap();
+        let account = Arc::new(Account::new("a", "a", crate::secret::Secret::new("s")));
+        RouteTable::new(
+            config
+                .routes
+                .iter()
+                .map(|r| Route::new(r, account.clone()))
+                .collect(),
+        )
+    }
+
+    fn pick<'a>(t: &'a RouteTable, host: Option<&str>, path: &str) -> Option<&'a str> {
+        t.find(host, path).map(|r| r.name.as_str())
+    }
+
+    #[test]
+    fn the_longest_prefix_wins_on_segment_boundaries() {
+        let t = table(
+            r#"
+            [[routes]]
+            upstream = "http://one"
+            account = "a"
+            [[routes]]
+            path_prefix = "/media"
+            upstream = "http://two"
+            account = "a"
+            [[routes]]
+            path_prefix = "/media/v2"
+            upstream = "http://three"
+            account = "a"
+        "#,
+        );
+        assert_eq!(pick(&t, None, "/media/v2/graphql"), Some("*/media/v2"));
+        assert_eq!(pick(&t, None, "/media"), Some("*/media"));
+        assert_eq!(pick(&t, None, "/media/x"), Some("*/media"));
+        assert_eq!(pick(&t, None, "/mediax"), Some("*/"));
+    }
+
+    #[test]
+    fn a_route_naming_the_host_beats_one_that_does_not() {
+        let t = table(
+            r#"
+            [[routes]]
+            path_prefix = "/media"
+            upstream = "http://one"
+            account = "a"
+            [[routes]]
+            host = "Video.Example"
+            upstream = "http://two"
+            account = "a"
+        "#,
+        );
+        assert_eq!(pick(&t, Some("video.example:8080"), "/media"), Some("video.example/"));
+        assert_eq!(pick(&t, Some("other.example"), "/media"), Some("*/media"));
+        assert_eq!(pick(&t, Some("other.example"), "/"), None);
+        assert!(t.names_host("VIDEO.example:1"));
+        assert!(!t.names_host("other.example"));
+    }
+
+    #[test]
+    fn upstream_paths_strip_the_prefix_join_the_base_and_drop_access_token() {
+        let t = table(
+            r#"
+            [[routes]]
+            path_prefix = "/media"
+            strip_prefix = true
+            upstream = "http://up/v1"
+            account = "a"
+        "#,
+        );
+        let r = t.find(None, "/media/graphql").unwrap();
+        assert_eq!(r.upstream_path_and_query("/media/graphql", None), "/v1/graphql");
+        assert_eq!(r.upstream_path_and_query("/media", None), "/v1/");
+        assert_eq!(
+            r.upstream_path_and_query("/media/q", Some("a=1&access_token=x&b=2")),
+            "/v1/q?a=1&b=2"
+        );
+        assert_eq!(
+            r.upstream_path_and_query("/media/q", Some("access_token=x")),
+            "/v1/q"
+        );
+    }
+}

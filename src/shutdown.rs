@@ -1,0 +1,37 @@
+//! One shutdown signal, watched by every task; dropping the trigger counts as a shutdown.
+
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// The sending side: call [`ShutdownTrigger::trigger`] once to stop everything.
+#[derive(Clone, Debug)]
+pub struct ShutdownTrigger(Arc<watch::Sender<bool>>);
+
+/// The watching side, cloned into every task.
+#[derive(Clone, Debug)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+/// Creates a linked trigger and signal.
+pub fn channel() -> (ShutdownTrigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (ShutdownTrigger(Arc::new(tx)), Shutdown(rx))
+}
+
+impl ShutdownTrigger {
+    /// Signals every watcher to stop.
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Shutdown {
+    /// Resolves once shutdown has been signalled (or the trigger is gone).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    /// Tells whether shutdown has been signalled.
+    pub fn is_signalled(&self) -> bool {
+        *self.0.borrow()
+    }
+}

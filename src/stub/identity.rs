@@ -1,0 +1,384 @@
+//! A stand-in for the Mosaic identity service: `authenticateServiceAccount` over GraphQL,
+//! RS256 tokens with `kid` and the Mosaic claims, the JWKS, `/health`, and fault modes.
+
+use super::keys::SigningKey;
+use super::{full, json, StubBody};
+use crate::mosaic::{self, ErrorCode};
+use crate::server::serve;
+use crate::shutdown::Shutdown;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+
+/// The largest token request the stand-in reads.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// One service account the stand-in knows.
+#[derive(Clone, Debug)]
+pub struct StubAccount {
+    pub client_id: String,
+    pub client_secret: String,
+    /// The account's display name, the `name` claim.
+    pub name: String,
+    /// The `permissions` claim: service id → permission keys.
+    pub permissions: BTreeMap<String, Vec<String>>,
+}
+
+impl StubAccount {
+    /// Creates an account with `ADMIN` on the media service.
+    pub fn new(client_id: &str, client_secret: &str) -> StubAccount {
+        StubAccount {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            name: format!("{client_id} (stand-in)"),
+            permissions: BTreeMap::from([("media-service".into(), vec!["ADMIN".into()])]),
+        }
+    }
+
+    fn subject(&self) -> String {
+        // A stable UUID-shaped id derived from the client id, like Mosaic's account ids.
+        let d = ring::digest::digest(&ring::digest::SHA256, self.client_id.as_bytes());
+        let h: String = d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    }
+}
+
+/// What the stand-in's tenant looks like.
+#[derive(Clone, Debug)]
+pub struct StubSettings {
+    pub tenant_id: String,
+    pub environment_id: String,
+    /// `expiresInSeconds` of every token; at least one second.
+    pub lifetime: Duration,
+    pub accounts: Vec<StubAccount>,
+}
+
+impl Default for StubSettings {
+    fn default() -> Self {
+        StubSettings {
+            tenant_id: "7f3c1a52-93b4-4d0e-8f7a-2b6c5d4e3f21".into(),
+            environment_id: "c2a4e6f8-1b3d-4c5e-9f70-a1b2c3d4e5f6".into(),
+            lifetime: Duration::from_secs(3600),
+            accounts: vec![StubAccount::new("demo-client", "demo-secret")],
+        }
+    }
+}
+
+/// A misbehaviour of the token endpoint, for fault tests.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Answer HTTP 500 with a small HTML body.
+    Http500,
+    /// Answer 200 with a body that is not JSON.
+    Garbage,
+    /// Close the connection without answering.
+    Reset,
+    /// Answer nothing for a minute.
+    Hang,
+    /// Answer after a delay, correctly.
+    Slow(Duration),
+    /// Answer 200 with a Mosaic error of this code.
+    Error(ErrorCode),
+    /// Answer 200 with `data: null` and no errors.
+    NullData,
+    /// Answer 200 with a null payload.
+    NullPayload,
+    /// Answer 200 with a body of a mebibyte.
+    Huge,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    fault: Option<Fault>,
+    /// Apply the fault to every n-th token request only (0 and 1: to every one).
+    every: u64,
+}
+
+struct State {
+    settings: Mutex<StubSettings>,
+    key: SigningKey,
+    faults: Mutex<Faults>,
+    token_requests: AtomicU64,
+    tokens_issued: AtomicU64,
+    origin: String,
+}
+
+/// Watches and steers a running stand-in.
+#[derive(Clone)]
+pub struct StubHandle(Arc<State>);
+
+impl StubHandle {
+    /// Returns `http://addr`, the origin to configure as `identity.origin`.
+    pub fn origin(&self) -> &str {
+        &self.0.origin
+    }
+
+    /// Counts token requests received, answered or not.
+    pub fn token_requests(&self) -> u64 {
+        self.0.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// Counts tokens issued.
+    pub fn tokens_issued(&self) -> u64 {
+        self.0.tokens_issued.load(Ordering::SeqCst)
+    }
+
+    /// Makes every token request misbehave, or (with `None`) none.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.set_fault_every(1, fault);
+    }
+
+    /// Makes every `n`-th token request misbehave.
+    pub fn set_fault_every(&self, n: u64, fault: Option<Fault>) {
+        *self.0.faults.lock().expect("faults lock") = Faults { fault, every: n };
+    }
+
+    /// Changes the lifetime of tokens issued from now on.
+    pub fn set_lifetime(&self, lifetime: Duration) {
+        self.0.settings.lock().expect("settings lock").lifetime = lifetime;
+    }
+
+    /// Replaces the known accounts.
+    pub fn set_accounts(&self, accounts: Vec<StubAccount>) {
+        self.0.settings.lock().expect("settings lock").accounts = accounts;
+    }
+
+    /// Returns the tenant and environment ids.
+    pub fn tenant(&self) -> (String, String) {
+        let s = self.0.settings.lock().expect("settings lock");
+        (s.tenant_id.clone(), s.environment_id.clone())
+    }
+
+    /// Returns the JWKS URL of the tenant's environment.
+    pub fn jwks_url(&self) -> String {
+        let (tenant, environment) = self.tenant();
+        format!(
+            "{}/{tenant}/{environment}/.well-known/jwks.json",
+            self.origin()
+        )
+    }
+}
+
+/// A bound stand-in, not yet serving.
+pub struct IdentityStub {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+impl IdentityStub {
+    /// Binds `addr` (port 0 picks one) with `settings`, signing with `key`.
+    pub async fn bind(
+        addr: SocketAddr,
+        settings: StubSettings,
+        key: SigningKey,
+    ) -> std::io::Result<IdentityStub> {
+        let listener = TcpListener::bind(addr).await?;
+        let origin = format!("http://{}", listener.local_addr()?);
+        Ok(IdentityStub {
+            listener,
+            state: Arc::new(State {
+                settings: Mutex::new(settings),
+                key,
+                faults: Mutex::default(),
+                token_requests: AtomicU64::new(0),
+                tokens_issued: AtomicU64::new(0),
+                origin,
+            }),
+        })
+    }
+
+    /// Returns the handle that watches and steers this stand-in.
+    pub fn handle(&self) -> StubHandle {
+        StubHandle(self.state.clone())
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        let state = self.state;
+        serve(
+            self.listener,
+            move |_| {
+                let state = state.clone();
+                hyper::service::service_fn(move |request| {
+                    let state = state.clone();
+                    async move { answer(&state, request).await }
+                })
+            },
+            shutdown,
+            Duration::from_secs(1),
+        )
+        .await;
+    }
+}
+
+async fn answer(
+    state: &State,
+    request: Request<Incoming>,
+) -> Result<Response<StubBody>, super::BoxError> {
+    let path = request.uri().path().to_owned();
+    match (request.method(), path.as_str()) {
+        (&Method::GET, "/health") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)),
+        (&Method::POST, "/graphql") => token_endpoint(state, request).await,
+        (&Method::GET, p) if p.ends_with("/.well-known/jwks.json") => Ok(jwks(state, p)),
+        _ => Ok(json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)),
+    }
+}
+
+fn jwks(state: &State, path: &str) -> Response<StubBody> {
+    let settings = state.settings.lock().expect("settings lock");
+    let expected = format!(
+        "/{}/{}/.well-known/jwks.json",
+        settings.tenant_id, settings.environment_id
+    );
+    if path != expected {
+        return json(StatusCode::NOT_FOUND, r#"{"error":"unknown environment"}"#);
+    }
+    json(
+        StatusCode::OK,
+        json!({"keys": [state.key.jwk()]}).to_string(),
+    )
+}
+
+fn current_fault(state: &State, n: u64) -> Option<Fault> {
+    let faults = state.faults.lock().expect("faults lock");
+    let every = faults.every.max(1);
+    faults.fault.clone().filter(|_| n % every == 0)
+}
+
+async fn token_endpoint(
+    state: &State,
+    request: Request<Incoming>,
+) -> Result<Response<StubBody>, super::BoxError> {
+    let n = state.token_requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let body = Limited::new(request.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await?
+        .to_bytes();
+    match current_fault(state, n) {
+        None => {}
+        Some(Fault::Http500) => {
+            let mut r = Response::new(full("<html><body>Internal Server Error</body></html>"));
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return Ok(r);
+        }
+        Some(Fault::Garbage) => return Ok(json(StatusCode::OK, "<html>not json")),
+        Some(Fault::Reset) => return Err("connection reset by the fault mode".into()),
+        Some(Fault::Hang) => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            return Err("hung".into());
+        }
+        Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::Error(code)) => {
+            let body = mosaic::error_body(
+                &code,
+                "Fault injected by the stand-in",
+                Some(mosaic::TOKEN_OPERATION),
+                "authenticateServiceAccount",
+            );
+            return Ok(json(StatusCode::OK, body));
+        }
+        Some(Fault::NullData) => return Ok(json(StatusCode::OK, r#"{"data":null}"#)),
+        Some(Fault::NullPayload) => {
+            return Ok(json(
+                StatusCode::OK,
+                r#"{"data":{"authenticateServiceAccount":null}}"#,
+            ))
+        }
+        Some(Fault::Huge) => {
+            let filler = " ".repeat(1024 * 1024);
+            return Ok(json(StatusCode::OK, format!("{{{filler}}}")));
+        }
+    }
+    Ok(login(state, &body))
+}
+
+fn validation_failed(message: &str) -> Response<StubBody> {
+    let body = json!({"errors": [{
+        "message": message,
+        "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}
+    }]});
+    json(StatusCode::BAD_REQUEST, body.to_string())
+}
+
+fn login(state: &State, body: &Bytes) -> Response<StubBody> {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return validation_failed("Body is not a GraphQL request");
+    };
+    let query = request.get("query").and_then(Value::as_str).unwrap_or("");
+    if !query.contains("authenticateServiceAccount") {
+        return validation_failed("Unknown operation");
+    }
+    let variables = request.get("variables");
+    let var = |name: &str| variables.and_then(|v| v.get(name)).and_then(Value::as_str);
+    let (Some(client_id), Some(secret)) = (var("clientId"), var("clientSecret")) else {
+        return validation_failed(
+            "Variable \"$clientId\" or \"$clientSecret\" of required type \"String!\" was not provided.",
+        );
+    };
+    let settings = state.settings.lock().expect("settings lock").clone();
+    let refuse = |code: ErrorCode, message: &str| {
+        json(
+            StatusCode::OK,
+            mosaic::error_body(
+                &code,
+                message,
+                Some(mosaic::TOKEN_OPERATION),
+                "authenticateServiceAccount",
+            ),
+        )
+    };
+    let Some(account) = settings
+        .accounts
+        .iter()
+        .find(|a| a.client_id == client_id)
+    else {
+        return refuse(
+            ErrorCode::InvalidClientIdSecret,
+            "Invalid Client ID or Client Secret",
+        );
+    };
+    if account.client_secret != secret {
+        return refuse(
+            ErrorCode::InvalidClientIdSecret,
+            "Invalid Client ID or Client Secret",
+        );
+    }
+    let lifetime = settings.lifetime.as_secs().max(1);
+    // Like Mosaic: iat in whole seconds (truncated), exp = iat + expiresInSeconds.
+    let iat = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let claims = json!({
+        "iss": mosaic::ISSUER,
+        "sub": account.subject(),
+        "aud": "*",
+        "iat": iat,
+        "exp": iat + lifetime,
+        "tenantId": settings.tenant_id,
+        "environmentId": settings.environment_id,
+        "name": account.name,
+        "subjectType": "ServiceAccount",
+        "permissions": account.permissions,
+    });
+    let token = state.key.sign(&claims);
+    state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+    json(
+        StatusCode::OK,
+        json!({"data": {"authenticateServiceAccount": {
+            "accessToken": token,
+            "expiresInSeconds": lifetime,
+            "tokenType": "Bearer",
+            "__typename": "AuthenticateServiceAccountPayload"
+        }}})
+        .to_string(),
+    )
+}

@@ -1,0 +1,293 @@
+//! A stand-in for a Mosaic service: checks the token exactly as Mosaic does (header form,
+//! RS256 against the JWKS fetched by `kid`, issuer, zero clock tolerance) and reports
+//! failures as HTTP 200 with a GraphQL error. It echoes what it saw, and streams bodies.
+
+use super::body::PatternBody;
+use super::keys::VerifyingKey;
+use super::{json, BoxError, StubBody};
+use crate::jwt;
+use crate::mosaic::{self, ErrorCode};
+use crate::server::serve;
+use crate::shutdown::Shutdown;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+
+/// How long a fetched signing key is trusted before the JWKS is fetched again, as in Mosaic.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// One request as the stand-in saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    /// The verified claims, or the Mosaic code the request was refused with.
+    pub verdict: Result<Value, ErrorCode>,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    accepted: AtomicU64,
+    expired: AtomicU64,
+    refused: AtomicU64,
+}
+
+struct State {
+    identity_origin: String,
+    http: reqwest::Client,
+    keys: Mutex<HashMap<String, (VerifyingKey, Instant)>>,
+    counters: Counters,
+    last: Mutex<Option<Seen>>,
+}
+
+/// Watches a running Mosaic stand-in.
+#[derive(Clone)]
+pub struct UpstreamHandle(Arc<State>);
+
+impl UpstreamHandle {
+    /// Counts requests received.
+    pub fn requests(&self) -> u64 {
+        self.0.counters.requests.load(Ordering::SeqCst)
+    }
+
+    /// Counts requests whose token was accepted.
+    pub fn accepted(&self) -> u64 {
+        self.0.counters.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Counts requests refused with `ACCESS_TOKEN_EXPIRED`.
+    pub fn expired(&self) -> u64 {
+        self.0.counters.expired.load(Ordering::SeqCst)
+    }
+
+    /// Counts requests refused for any other token problem.
+    pub fn refused(&self) -> u64 {
+        self.0.counters.refused.load(Ordering::SeqCst)
+    }
+
+    /// Returns the last request seen.
+    pub fn last(&self) -> Option<Seen> {
+        self.0.last.lock().expect("last lock").clone()
+    }
+}
+
+/// A bound Mosaic stand-in, not yet serving.
+pub struct MosaicUpstream {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+impl MosaicUpstream {
+    /// Binds `addr`; tokens are checked against the JWKS of the identity service at `identity_origin`.
+    pub async fn bind(addr: SocketAddr, identity_origin: &str) -> std::io::Result<MosaicUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let tls = crate::tls::client_config(false).map_err(std::io::Error::other)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(std::io::Error::other)?;
+        Ok(MosaicUpstream {
+            listener,
+            state: Arc::new(State {
+                identity_origin: identity_origin.trim_end_matches('/').to_owned(),
+                http,
+                keys: Mutex::default(),
+                counters: Counters::default(),
+                last: Mutex::default(),
+            }),
+        })
+    }
+
+    /// Returns the bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Returns the handle that watches this stand-in.
+    pub fn handle(&self) -> UpstreamHandle {
+        UpstreamHandle(self.state.clone())
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        let state = self.state;
+        serve(
+            self.listener,
+            move |_| {
+                let state = state.clone();
+                hyper::service::service_fn(move |request| {
+                    let state = state.clone();
+                    async move { answer(&state, request).await }
+                })
+            },
+            shutdown,
+            Duration::from_secs(1),
+        )
+        .await;
+    }
+}
+
+async fn answer(state: &State, request: Request<Incoming>) -> Result<Response<StubBody>, BoxError> {
+    let c = &state.counters;
+    c.requests.fetch_add(1, Ordering::SeqCst);
+    let query = request.uri().query().map(str::to_owned);
+    let has_query_token = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|p| p.starts_with("access_token=")));
+    let header_value = request.headers().get(header::AUTHORIZATION).cloned();
+    if has_query_token && header_value.is_some() {
+        // Mosaic answers a token given twice with 400 and an empty body.
+        let mut r = Response::new(super::full(""));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return Ok(r);
+    }
+    let token = header_value
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|t| !t.is_empty() && !t.contains(' '));
+    let verdict = match token {
+        None => Err(ErrorCode::AccessTokenRequired),
+        Some(token) => verify(state, token).await,
+    };
+    let seen = Seen {
+        method: request.method().clone(),
+        path: request.uri().path().to_owned(),
+        query,
+        headers: request.headers().clone(),
+        verdict: verdict.clone(),
+    };
+    *state.last.lock().expect("last lock") = Some(seen.clone());
+    let claims = match verdict {
+        Ok(claims) => {
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            claims
+        }
+        Err(code) => {
+            let counter = if code == ErrorCode::AccessTokenExpired {
+                &c.expired
+            } else {
+                &c.refused
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let message = match code {
+                ErrorCode::AccessTokenExpired => "Access Token has expired.",
+                ErrorCode::AccessTokenRequired => "Access Token is required.",
+                _ => "Access Token verification failed.",
+            };
+            return Ok(json(
+                StatusCode::OK,
+                mosaic::error_body(&code, message, None, "whoami"),
+            ));
+        }
+    };
+    if seen.path.ends_with("/echo") {
+        // Stream the request body straight back.
+        let body = request.into_body().map_err(BoxError::from).boxed();
+        return Ok(Response::new(body));
+    }
+    if seen.path.ends_with("/bytes") {
+        let n = seen
+            .query
+            .as_deref()
+            .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("n=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        return Ok(Response::new(
+            PatternBody::new(n).map_err(|never| match never {}).boxed(),
+        ));
+    }
+    let headers: serde_json::Map<String, Value> = seen
+        .headers
+        .iter()
+        .filter(|(name, _)| *name != header::AUTHORIZATION)
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                Value::from(value.to_str().unwrap_or("<binary>")),
+            )
+        })
+        .collect();
+    let body = json!({
+        "data": {"whoami": {
+            "sub": claims["sub"], "name": claims["name"], "tenantId": claims["tenantId"],
+            "environmentId": claims["environmentId"], "permissions": claims["permissions"],
+            "iat": claims["iat"], "exp": claims["exp"],
+        }},
+        "request": {"method": seen.method.as_str(), "path": seen.path, "query": seen.query, "headers": headers},
+    });
+    Ok(json(StatusCode::OK, body.to_string()))
+}
+
+async fn verify(state: &State, token: &str) -> Result<Value, ErrorCode> {
+    let parts = jwt::decode(token).ok_or(ErrorCode::AccessTokenVerificationFailed)?;
+    if parts.header.get("alg").and_then(Value::as_str) != Some("RS256") {
+        return Err(ErrorCode::AccessTokenVerificationFailed);
+    }
+    let kid = parts
+        .header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or(ErrorCode::SigningKeyNotFound)?;
+    let key = key_for(state, kid, &parts.claims).await?;
+    if !key.verifies(&parts) {
+        return Err(ErrorCode::AccessTokenVerificationFailed);
+    }
+    if parts.claims.get("iss").and_then(Value::as_str) != Some(mosaic::ISSUER) {
+        return Err(ErrorCode::AccessTokenVerificationFailed);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let exp = jwt::seconds(&parts.claims, "exp").ok_or(ErrorCode::AccessTokenVerificationFailed)?;
+    // Zero tolerance: expired at the very second of `exp`.
+    if now >= exp {
+        return Err(ErrorCode::AccessTokenExpired);
+    }
+    if jwt::seconds(&parts.claims, "nbf").is_some_and(|nbf| now < nbf) {
+        return Err(ErrorCode::AccessTokenVerificationFailed);
+    }
+    Ok(parts.claims)
+}
+
+async fn key_for(state: &State, kid: &str, claims: &Value) -> Result<VerifyingKey, ErrorCode> {
+    if let Some((key, at)) = state.keys.lock().expect("keys lock").get(kid) {
+        if at.elapsed() < KEY_CACHE_TTL {
+            return Ok(key.clone());
+        }
+    }
+    let id = |name: &str| claims.get(name).and_then(Value::as_str).unwrap_or("");
+    let url = format!(
+        "{}/{}/{}/.well-known/jwks.json",
+        state.identity_origin,
+        id("tenantId"),
+        id("environmentId")
+    );
+    let jwks: Value = async { state.http.get(&url).send().await?.error_for_status()?.json().await }
+        .await
+        .map_err(|_: reqwest::Error| ErrorCode::JwksError)?;
+    let mut keys = state.keys.lock().expect("keys lock");
+    for jwk in jwks.get("keys").and_then(Value::as_array).into_iter().flatten() {
+        if let (Some(id), Some(key)) = (
+            jwk.get("kid").and_then(Value::as_str),
+            VerifyingKey::from_jwk(jwk),
+        ) {
+            keys.insert(id.to_owned(), (key, Instant::now()));
+        }
+    }
+    keys.get(kid)
+        .map(|(key, _)| key.clone())
+        .ok_or(ErrorCode::SigningKeyNotFound)
+}
