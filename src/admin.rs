@@ -12,7 +12,10 @@ use std::sync::Arc;
 /// Answers one admin request.
 pub fn respond(request: &Request<Incoming>, accounts: &[Arc<Account>]) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return json(StatusCode::METHOD_NOT_ALLOWED, r#"{"error":"method_not_allowed"}"#.into());
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method_not_allowed"}"#.into(),
+        );
     }
     match request.uri().path() {
         "/health" | "/healthz" | "/live" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
@@ -48,16 +51,25 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-/// Makes the admin service for one connection.
-pub fn service(
+/// The admin service of one connection.
+#[derive(Clone)]
+pub struct AdminService {
     accounts: Arc<[Arc<Account>]>,
-) -> impl hyper::service::Service<
-    Request<Incoming>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
-> + Clone {
-    hyper::service::service_fn(move |request: Request<Incoming>| {
-        std::future::ready(Ok(respond(&request, &accounts)))
-    })
+}
+
+impl AdminService {
+    /// Creates the service over `accounts`.
+    pub fn new(accounts: Arc<[Arc<Account>]>) -> AdminService {
+        AdminService { accounts }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        std::future::ready(Ok(respond(&request, &self.accounts)))
+    }
 }

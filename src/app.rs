@@ -124,7 +124,7 @@ impl App {
             let accounts = self.accounts.clone();
             tasks.spawn(serve(
                 admin,
-                move |_| crate::admin::service(accounts.clone()),
+                move |_| crate::admin::AdminService::new(accounts.clone()),
                 shutdown.clone(),
                 self.shutdown_grace,
             ));

@@ -71,8 +71,10 @@ pub async fn run(
         listen = options.listen,
         origin = stub.origin(),
     );
-    let config = Config::parse(&text, &|name| (name == DEMO_SECRET_VAR).then(|| secret.clone()))
-        .map_err(DemoError::Config)?;
+    let config = Config::parse(&text, &|name| {
+        (name == DEMO_SECRET_VAR).then(|| secret.clone())
+    })
+    .map_err(DemoError::Config)?;
     let app = App::bind(config).await?;
     let proxy_addr = app.local_addr();
     let accounts = app.accounts();
@@ -81,9 +83,15 @@ pub async fn run(
     let proxy = tokio::spawn(app.run(shutdown.clone()));
 
     println!("mosaic-auth-proxy demo, all on loopback:");
-    println!("  identity stand-in  {}  (JWKS {})", stub.origin(), stub.jwks_url());
+    println!(
+        "  identity stand-in  {}  (JWKS {})",
+        stub.origin(),
+        stub.jwks_url()
+    );
     println!("  Mosaic stand-in    http://{upstream_addr}  (checks tokens like a Mosaic service)");
-    println!("  proxy              http://{proxy_addr}  (route / → Mosaic stand-in, account \"demo\")");
+    println!(
+        "  proxy              http://{proxy_addr}  (route / → Mosaic stand-in, account \"demo\")"
+    );
     let _ = accounts[0].header_or_wait(Duration::from_secs(10)).await;
 
     let url = format!("http://{proxy_addr}/graphql?access_token=stale");
@@ -91,9 +99,7 @@ pub async fn run(
     println!("GET {url}");
     println!("    sent with \"Authorization: Bearer client-supplied\"; the proxy replaces both");
     let reply = reqwest::Client::builder()
-        .tls_backend_preconfigured(
-            crate::tls::client_config(false).map_err(StartError::from)?,
-        )
+        .tls_backend_preconfigured(crate::tls::client_config(false).map_err(StartError::from)?)
         .build()
         .map_err(DemoError::Request)?
         .get(&url)

@@ -19,7 +19,10 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_START: u8 = 69;
 
 #[derive(Parser)]
-#[command(version, about = "Authenticating reverse proxy for Axinom Mosaic service accounts")]
+#[command(
+    version,
+    about = "Authenticating reverse proxy for Axinom Mosaic service accounts"
+)]
 struct Cli {
     /// Log format on standard error; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -91,14 +94,22 @@ fn parse_account(text: &str) -> Result<(String, String), String> {
 fn parse_permission(text: &str) -> Result<(String, Vec<String>), String> {
     text.split_once('=')
         .filter(|(service, keys)| !service.is_empty() && !keys.is_empty())
-        .map(|(service, keys)| (service.to_owned(), keys.split(',').map(str::to_owned).collect()))
+        .map(|(service, keys)| {
+            (
+                service.to_owned(),
+                keys.split(',').map(str::to_owned).collect(),
+            )
+        })
         .ok_or_else(|| "write the permission as SERVICE=KEY[,KEY...]".into())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");

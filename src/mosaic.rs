@@ -4,7 +4,8 @@ use serde::Deserialize;
 use std::fmt;
 
 /// The GraphQL document the official Mosaic client sends to obtain a service-account token.
-pub const TOKEN_QUERY: &str = "mutation GetServiceToken($clientId: String!, $clientSecret: String!) { \
+pub const TOKEN_QUERY: &str =
+    "mutation GetServiceToken($clientId: String!, $clientSecret: String!) { \
 authenticateServiceAccount(input: {clientId: $clientId, clientSecret: $clientSecret}) { \
 accessToken expiresInSeconds tokenType __typename } }";
 
@@ -56,7 +57,10 @@ const KNOWN: [(ErrorCode, &str); 17] = [
     ),
     (ErrorCode::InternalServerError, "INTERNAL_SERVER_ERROR"),
     (ErrorCode::UnhandledError, "UNHANDLED_ERROR"),
-    (ErrorCode::GraphqlValidationFailed, "GRAPHQL_VALIDATION_FAILED"),
+    (
+        ErrorCode::GraphqlValidationFailed,
+        "GRAPHQL_VALIDATION_FAILED",
+    ),
     (ErrorCode::AccessTokenExpired, "ACCESS_TOKEN_EXPIRED"),
     (ErrorCode::AccessTokenRequired, "ACCESS_TOKEN_REQUIRED"),
     (

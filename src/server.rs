@@ -59,7 +59,10 @@ pub async fn serve<S, B>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             grace_s = grace.as_secs_f32(),
             "requests still in flight after the shutdown grace period were dropped"

@@ -203,8 +203,15 @@ impl Config {
                 Vec::new()
             }
         };
+        // Routes are checked against every account table, valid or not, so a bad account
+        // is reported once, not again by each route that names it.
+        let account_names: Vec<&str> = root
+            .get("accounts")
+            .and_then(toml::Value::as_table)
+            .map(|t| t.keys().map(String::as_str).collect())
+            .unwrap_or_default();
         let routes = match top.array("routes") {
-            Some(list) => parse_routes(list, &accounts, &mut errors),
+            Some(list) => parse_routes(list, &account_names, &mut errors),
             None => {
                 if !root.contains_key("routes") {
                     top.error(
@@ -331,7 +338,11 @@ fn parse_identity(
         },
     };
     if config.timeout.is_zero() {
-        s.error("timeout", "is zero", "use a positive duration such as \"10s\"");
+        s.error(
+            "timeout",
+            "is zero",
+            "use a positive duration such as \"10s\"",
+        );
     }
     if config.retry.initial.is_zero() {
         s.error(
@@ -512,13 +523,16 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => Ok(Secret::new(text.trim())),
         Ok(_) => Err(format!("names {}, which is empty", path.display())),
-        Err(e) => Err(format!("names {}, which cannot be read: {e}", path.display())),
+        Err(e) => Err(format!(
+            "names {}, which cannot be read: {e}",
+            path.display()
+        )),
     }
 }
 
 fn parse_routes(
     list: &[toml::Value],
-    accounts: &[AccountConfig],
+    accounts: &[&str],
     errors: &mut Vec<ConfigError>,
 ) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::new();
@@ -591,14 +605,13 @@ fn parse_routes(
         let strip_prefix = s.bool("strip_prefix", false);
         let account = s
             .required_string("account", "name one of the [accounts.NAME] tables")
-            .and_then(|name| match accounts.iter().position(|a| a.name == name) {
+            .and_then(|name| match accounts.iter().position(|a| *a == name) {
                 Some(i) => Some(i),
                 None => {
-                    let known: Vec<&str> = accounts.iter().map(|a| a.name.as_str()).collect();
                     s.error(
                         "account",
                         format!("names {name:?}, which is not a configured account"),
-                        format!("use one of: {}", known.join(", ")),
+                        format!("use one of: {}", accounts.join(", ")),
                     );
                     None
                 }
@@ -637,7 +650,9 @@ fn normalize_host(host: &str) -> Option<String> {
 /// Returns `host` without a trailing `:port` (IPv6 literals keep their brackets).
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &host[..=h.len()]);
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()]);
     }
     host.split_once(':').map_or(host, |(h, _)| h)
 }
@@ -656,15 +671,15 @@ fn normalize_prefix(prefix: &str) -> Option<String> {
 
 /// Splits an `http(s)://authority/path` base URL; the path comes back without a trailing `/`.
 fn parse_base_url(text: &str) -> Result<(Scheme, Authority, String), String> {
-    let uri: Uri = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a URL"))?;
+    let uri: Uri = text.parse().map_err(|_| format!("{text:?} is not a URL"))?;
     let scheme = uri
         .scheme()
         .cloned()
         .ok_or_else(|| format!("{text:?} has no scheme"))?;
     if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-        return Err(format!("{text:?} uses the scheme {scheme}, not http or https"));
+        return Err(format!(
+            "{text:?} uses the scheme {scheme}, not http or https"
+        ));
     }
     let authority = uri
         .authority()

@@ -128,8 +128,7 @@ impl<'a> Section<'a> {
 
     /// Reads an optional duration such as `"30s"` or `"500ms"` with a default.
     pub(super) fn duration(&mut self, key: &str, default: Duration) -> Duration {
-        let Some(text) = self.typed(key, "a duration string such as \"30s\"", Value::as_str)
-        else {
+        let Some(text) = self.typed(key, "a duration string such as \"30s\"", Value::as_str) else {
             return default;
         };
         match humantime::parse_duration(text) {

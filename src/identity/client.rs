@@ -29,7 +29,9 @@ pub enum IdentityError {
     Timeout(Duration),
     #[error("the identity service answered HTTP {0}")]
     Status(StatusCode),
-    #[error("the identity service rejected the token request as invalid ({0}); check identity.origin")]
+    #[error(
+        "the identity service rejected the token request as invalid ({0}); check identity.origin"
+    )]
     Invalid(ErrorCode),
     #[error("the identity service refused the login: {0} ({hint})", hint = refusal_hint(.0))]
     Refused(ErrorCode),
@@ -249,7 +251,9 @@ pub fn parse_reply(status: StatusCode, body: &[u8]) -> Result<(Secret, Duration)
         return Err(IdentityError::MalformedToken);
     }
     let lifetime = match payload.get("expiresInSeconds") {
-        None | Some(Value::Null) => return Err(IdentityError::BadLifetime(LifetimeProblem::Missing)),
+        None | Some(Value::Null) => {
+            return Err(IdentityError::BadLifetime(LifetimeProblem::Missing))
+        }
         Some(v) => v
             .as_f64()
             .ok_or(IdentityError::BadLifetime(LifetimeProblem::NotANumber))?,
@@ -260,7 +264,9 @@ pub fn parse_reply(status: StatusCode, body: &[u8]) -> Result<(Secret, Duration)
         )));
     }
     if lifetime > MAX_LIFETIME.as_secs_f64() {
-        return Err(IdentityError::BadLifetime(LifetimeProblem::Absurd(lifetime)));
+        return Err(IdentityError::BadLifetime(LifetimeProblem::Absurd(
+            lifetime,
+        )));
     }
     Ok((
         Secret::new(token),
@@ -308,7 +314,10 @@ mod tests {
             "authenticateServiceAccount",
         );
         let err = ok(&refused).unwrap_err();
-        assert!(matches!(err, IdentityError::Refused(ErrorCode::InvalidClientIdSecret)));
+        assert!(matches!(
+            err,
+            IdentityError::Refused(ErrorCode::InvalidClientIdSecret)
+        ));
         assert!(err.is_permanent());
         let internal = mosaic::error_body(&ErrorCode::InternalServerError, "x", None, "a");
         assert!(!ok(&internal).unwrap_err().is_permanent());
@@ -316,9 +325,13 @@ mod tests {
 
     #[test]
     fn a_validation_failure_is_permanent() {
-        let body = r#"{"errors":[{"message":"bad","extensions":{"code":"GRAPHQL_VALIDATION_FAILED"}}]}"#;
+        let body =
+            r#"{"errors":[{"message":"bad","extensions":{"code":"GRAPHQL_VALIDATION_FAILED"}}]}"#;
         let err = parse_reply(StatusCode::BAD_REQUEST, body.as_bytes()).unwrap_err();
-        assert!(matches!(err, IdentityError::Invalid(ErrorCode::GraphqlValidationFailed)));
+        assert!(matches!(
+            err,
+            IdentityError::Invalid(ErrorCode::GraphqlValidationFailed)
+        ));
         assert!(err.is_permanent());
     }
 
@@ -328,12 +341,44 @@ mod tests {
             (StatusCode::BAD_GATEWAY, "<html>", "http_status"),
             (StatusCode::OK, "<html>", "not_json"),
             (StatusCode::OK, r#"{"data":null}"#, "no_payload"),
-            (StatusCode::OK, r#"{"data":{"authenticateServiceAccount":null}}"#, "no_payload"),
-            (StatusCode::OK, r#"{"data":{"authenticateServiceAccount":{"accessToken":"x y","expiresInSeconds":60}}}"#, "malformed_token"),
-            (StatusCode::OK, &format!(r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}"}}}}}}"#), "bad_lifetime"),
-            (StatusCode::OK, &format!(r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}","expiresInSeconds":0}}}}}}"#), "bad_lifetime"),
-            (StatusCode::OK, &format!(r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}","expiresInSeconds":-5}}}}}}"#), "bad_lifetime"),
-            (StatusCode::OK, &format!(r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}","expiresInSeconds":1e12}}}}}}"#), "bad_lifetime"),
+            (
+                StatusCode::OK,
+                r#"{"data":{"authenticateServiceAccount":null}}"#,
+                "no_payload",
+            ),
+            (
+                StatusCode::OK,
+                r#"{"data":{"authenticateServiceAccount":{"accessToken":"x y","expiresInSeconds":60}}}"#,
+                "malformed_token",
+            ),
+            (
+                StatusCode::OK,
+                &format!(
+                    r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}"}}}}}}"#
+                ),
+                "bad_lifetime",
+            ),
+            (
+                StatusCode::OK,
+                &format!(
+                    r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}","expiresInSeconds":0}}}}}}"#
+                ),
+                "bad_lifetime",
+            ),
+            (
+                StatusCode::OK,
+                &format!(
+                    r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}","expiresInSeconds":-5}}}}}}"#
+                ),
+                "bad_lifetime",
+            ),
+            (
+                StatusCode::OK,
+                &format!(
+                    r#"{{"data":{{"authenticateServiceAccount":{{"accessToken":"{JWT}","expiresInSeconds":1e12}}}}}}"#
+                ),
+                "bad_lifetime",
+            ),
         ];
         for (status, body, kind) in cases {
             let err = parse_reply(status, body.as_bytes()).unwrap_err();

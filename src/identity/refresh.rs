@@ -85,7 +85,10 @@ pub fn retry_delay(policy: &RetryPolicy, permanent: bool, failures: u32, sample:
         .initial
         .saturating_mul(1u32 << exponent)
         .min(policy.max);
-    ceiling.mul_f64(sample).max(policy.initial / 2).min(policy.max)
+    ceiling
+        .mul_f64(sample)
+        .max(policy.initial / 2)
+        .min(policy.max)
 }
 
 #[cfg(test)]
@@ -143,11 +146,14 @@ mod tests {
     fn transient_delays_grow_up_to_the_cap() {
         let policy = RetryPolicy::default();
         assert_eq!(
-            retry_delay(&policy, false, 1, 0.999_999),
+            retry_delay(&policy, false, 1, 1.0),
             Duration::from_millis(500)
         );
         assert!(retry_delay(&policy, false, 3, 0.999_999) > Duration::from_millis(1900));
-        assert_eq!(retry_delay(&policy, false, 40, 1.0), Duration::from_secs(30));
+        assert_eq!(
+            retry_delay(&policy, false, 40, 1.0),
+            Duration::from_secs(30)
+        );
         assert_eq!(
             retry_delay(&policy, false, 5, 0.0),
             Duration::from_millis(250)

@@ -26,7 +26,10 @@ impl Token {
     /// to the second, so `exp` can come up to a second before `sent + expiresInSeconds`.
     pub fn new(grant: Grant, policy: &RefreshPolicy, sample: f64) -> Result<Token, IdentityError> {
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let wall = wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let wall = wall
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
         let by_exp = jwt::decode(grant.access_token.expose())
             .and_then(|parts| jwt::seconds(&parts.claims, "exp"))
             .map(|exp| (now - grant.sent_at).as_secs_f64() + (exp - wall));

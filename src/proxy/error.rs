@@ -14,7 +14,9 @@ pub enum ProxyError {
     NoRoute,
     #[error("CONNECT is not served: this proxy is not an open proxy")]
     Connect,
-    #[error("absolute-form request for a host that no route names: this proxy is not an open proxy")]
+    #[error(
+        "absolute-form request for a host that no route names: this proxy is not an open proxy"
+    )]
     ForeignHost,
     #[error("the request target cannot be forwarded")]
     BadTarget(#[source] http::Error),
@@ -44,7 +46,11 @@ impl ProxyError {
     pub fn classify(&self) -> (StatusCode, &'static str, Fault) {
         match self {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route", Fault::Client),
-            ProxyError::Connect => (StatusCode::METHOD_NOT_ALLOWED, "connect_refused", Fault::Client),
+            ProxyError::Connect => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "connect_refused",
+                Fault::Client,
+            ),
             ProxyError::ForeignHost => (StatusCode::FORBIDDEN, "not_an_open_proxy", Fault::Client),
             ProxyError::BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target", Fault::Client),
             ProxyError::TokenUnavailable { .. } => (
@@ -52,13 +58,19 @@ impl ProxyError {
                 "token_unavailable",
                 Fault::Identity,
             ),
-            ProxyError::UpstreamConnect(_) => {
-                (StatusCode::BAD_GATEWAY, "upstream_unreachable", Fault::Upstream)
+            ProxyError::UpstreamConnect(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                Fault::Upstream,
+            ),
+            ProxyError::UpstreamTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                Fault::Upstream,
+            ),
+            ProxyError::Upstream(_) => {
+                (StatusCode::BAD_GATEWAY, "upstream_failed", Fault::Upstream)
             }
-            ProxyError::UpstreamTimeout(_) => {
-                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Fault::Upstream)
-            }
-            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_failed", Fault::Upstream),
         }
     }
 

@@ -97,9 +97,11 @@ impl RouteTable {
     /// Tells whether some route names `host` explicitly (port and case ignored).
     pub fn names_host(&self, host: &str) -> bool {
         let host = strip_port(host);
-        self.routes
-            .iter()
-            .any(|r| r.host.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(host)))
+        self.routes.iter().any(|r| {
+            r.host
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(host))
+        })
     }
 
     /// Returns the routes in match order.
@@ -114,9 +116,7 @@ mod tests {
     use crate::config::Config;
 
     fn table(routes: &str) -> RouteTable {
-        let text = format!(
-            "[accounts.a]\nclient_id = \"a\"\nclient_secret_env = \"S\"\n{routes}"
-        );
+        let text = format!("[accounts.a]\nclient_id = \"a\"\nclient_secret_env = \"S\"\n{routes}");
         let config = Config::parse(&text, &|_| Some("s".into())).unwrap();
         let account = Arc::new(Account::new("a", "a", crate::secret::Secret::new("s")));
         RouteTable::new(
@@ -169,7 +169,10 @@ mod tests {
             account = "a"
         "#,
         );
-        assert_eq!(pick(&t, Some("video.example:8080"), "/media"), Some("video.example/"));
+        assert_eq!(
+            pick(&t, Some("video.example:8080"), "/media"),
+            Some("video.example/")
+        );
         assert_eq!(pick(&t, Some("other.example"), "/media"), Some("*/media"));
         assert_eq!(pick(&t, Some("other.example"), "/"), None);
         assert!(t.names_host("VIDEO.example:1"));
@@ -188,7 +191,10 @@ mod tests {
         "#,
         );
         let r = t.find(None, "/media/graphql").unwrap();
-        assert_eq!(r.upstream_path_and_query("/media/graphql", None), "/v1/graphql");
+        assert_eq!(
+            r.upstream_path_and_query("/media/graphql", None),
+            "/v1/graphql"
+        );
         assert_eq!(r.upstream_path_and_query("/media", None), "/v1/");
         assert_eq!(
             r.upstream_path_and_query("/media/q", Some("a=1&access_token=x&b=2")),

@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: header::HeaderName =
-    header::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
 
 /// The state shared by every connection: routes, the upstream client and the time limits.
@@ -55,7 +54,11 @@ impl Proxy {
     }
 
     /// Serves one request: forwards it, or answers with the failure's status and a short body.
-    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
@@ -72,8 +75,12 @@ impl Proxy {
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
                 let chain = crate::identity::account::error_chain(&error);
                 match fault {
-                    Fault::Client => tracing::debug!(http.method = %method, path, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused"),
-                    Fault::Upstream | Fault::Identity => tracing::warn!(http.method = %method, path, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed"),
+                    Fault::Client => {
+                        tracing::debug!(http.method = %method, path, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
+                    }
+                    Fault::Upstream | Fault::Identity => {
+                        tracing::warn!(http.method = %method, path, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+                    }
                 }
                 error.to_response()
             }
@@ -116,11 +123,12 @@ impl Proxy {
 
         // Rewrite.
         let (mut parts, body) = request.into_parts();
-        let original_host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let path_and_query = route.upstream_path_and_query(parts.uri.path(), parts.uri.query());
         parts.uri = Uri::builder()
             .scheme(route.upstream.scheme.clone())
@@ -144,19 +152,17 @@ impl Proxy {
         let upstream_request = Request::from_parts(parts, Either::Left(body));
 
         // Forward.
-        let response = tokio::time::timeout(
-            self.upstream_timeout,
-            self.client.request(upstream_request),
-        )
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout(self.upstream_timeout))?
-        .map_err(|e| {
-            if e.is_connect() {
-                ProxyError::UpstreamConnect(e)
-            } else {
-                ProxyError::Upstream(e)
-            }
-        })?;
+        let response =
+            tokio::time::timeout(self.upstream_timeout, self.client.request(upstream_request))
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(self.upstream_timeout))?
+                .map_err(|e| {
+                    if e.is_connect() {
+                        ProxyError::UpstreamConnect(e)
+                    } else {
+                        ProxyError::Upstream(e)
+                    }
+                })?;
 
         // Response filter.
         let (mut parts, body) = response.into_parts();

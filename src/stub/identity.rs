@@ -46,8 +46,18 @@ impl StubAccount {
     fn subject(&self) -> String {
         // A stable UUID-shaped id derived from the client id, like Mosaic's account ids.
         let d = ring::digest::digest(&ring::digest::SHA256, self.client_id.as_bytes());
-        let h: String = d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+        let h: String = d.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
     }
 }
 
@@ -335,11 +345,7 @@ fn login(state: &State, body: &Bytes) -> Response<StubBody> {
             ),
         )
     };
-    let Some(account) = settings
-        .accounts
-        .iter()
-        .find(|a| a.client_id == client_id)
-    else {
+    let Some(account) = settings.accounts.iter().find(|a| a.client_id == client_id) else {
         return refuse(
             ErrorCode::InvalidClientIdSecret,
             "Invalid Client ID or Client Secret",

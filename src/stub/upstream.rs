@@ -111,7 +111,9 @@ impl MosaicUpstream {
 
     /// Returns the bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Returns the handle that watches this stand-in.
@@ -275,11 +277,25 @@ async fn key_for(state: &State, kid: &str, claims: &Value) -> Result<VerifyingKe
         id("tenantId"),
         id("environmentId")
     );
-    let jwks: Value = async { state.http.get(&url).send().await?.error_for_status()?.json().await }
-        .await
-        .map_err(|_: reqwest::Error| ErrorCode::JwksError)?;
+    let jwks: Value = async {
+        state
+            .http
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+    }
+    .await
+    .map_err(|_: reqwest::Error| ErrorCode::JwksError)?;
     let mut keys = state.keys.lock().expect("keys lock");
-    for jwk in jwks.get("keys").and_then(Value::as_array).into_iter().flatten() {
+    for jwk in jwks
+        .get("keys")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let (Some(id), Some(key)) = (
             jwk.get("kid").and_then(Value::as_str),
             VerifyingKey::from_jwk(jwk),

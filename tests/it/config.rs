@@ -1,0 +1,188 @@
+//! Configuration errors name their key and the fix, all at once.
+
+use mosaic_auth_proxy::config::{Config, ConfigErrors, SecretSource};
+use std::time::Duration;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "SECRET" => Some("s3cr3t".into()),
+        "EMPTY" => Some("  ".into()),
+        _ => None,
+    }
+}
+
+const VALID: &str = r#"
+[accounts.media]
+client_id = "id"
+client_secret_env = "SECRET"
+[[routes]]
+upstream = "https://media.example"
+account = "media"
+"#;
+
+fn errors(text: &str) -> ConfigErrors {
+    Config::parse(text, &env).expect_err("the configuration is refused")
+}
+
+fn keys(text: &str) -> Vec<String> {
+    errors(text).0.into_iter().map(|e| e.key).collect()
+}
+
+#[test]
+fn the_shipped_proxy_toml_parses() {
+    let text = include_str!("../../proxy.toml");
+    let config = Config::parse(text, &|name| {
+        (name == "MEDIA_CLIENT_SECRET").then(|| "x".into())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(
+        config.accounts[0].secret_source,
+        SecretSource::Env("MEDIA_CLIENT_SECRET".into())
+    );
+    assert_eq!(
+        config.routes[0].upstream.to_string(),
+        "https://media.service.eu.axinom.net"
+    );
+    assert!(config.warnings.is_empty());
+}
+
+#[test]
+fn a_minimal_configuration_gets_the_documented_defaults() {
+    let config = Config::parse(VALID, &env).unwrap();
+    assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.identity.origin, "https://id.service.eu.axinom.net");
+    assert_eq!(config.identity.timeout, Duration::from_secs(10));
+    assert_eq!(config.routes[0].path_prefix, "/");
+    assert_eq!(config.accounts[0].secret.expose(), "s3cr3t");
+    assert!(config.server.admin_listen.is_none());
+}
+
+#[test]
+fn unknown_keys_are_errors_wherever_they_are() {
+    let text =
+        format!("colour = 1\n[server]\nlisten_addr = \"x\"\n{VALID}\nupstream_path = \"/x\"\n");
+    let found = keys(&text);
+    assert_eq!(
+        found,
+        ["colour", "server.listen_addr", "routes[0].upstream_path"]
+    );
+    let e = errors(&text);
+    assert!(e.0[1].fix.contains("listen"), "{}", e.0[1].fix);
+}
+
+#[test]
+fn every_bad_key_is_reported_at_once_each_with_its_fix() {
+    let text = r#"
+[server]
+listen = "localhost"
+upstream_timeout = "soon"
+[identity]
+origin = "ftp://id.example"
+refresh_at = 2.0
+retry_initial = "1s"
+retry_max = "10ms"
+[accounts.media]
+client_secret_env = "MISSING"
+[accounts.video]
+client_id = "v"
+client_secret_env = "EMPTY"
+[accounts.image]
+client_id = "i"
+client_secret_env = "SECRET"
+client_secret = "also"
+[[routes]]
+upstream = "gopher://x"
+account = "nobody"
+path_prefix = "media"
+[[routes]]
+account = "image"
+"#;
+    let e = errors(text);
+    let found: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "server.listen",
+        "server.upstream_timeout",
+        "identity.origin",
+        "identity.refresh_at",
+        "identity.retry_max",
+        "accounts.media.client_id",
+        "accounts.media.client_secret_env",
+        "accounts.video.client_secret_env",
+        "accounts.image.client_secret_env",
+        "routes[0].upstream",
+        "routes[0].account",
+        "routes[0].path_prefix",
+        "routes[1].upstream",
+    ] {
+        assert!(found.contains(&key), "{key} not reported in {found:?}");
+    }
+    for error in &e.0 {
+        assert!(!error.fix.is_empty(), "{} has no fix", error.key);
+    }
+    let text = e.to_string();
+    assert!(text.contains("export MISSING"), "{text}");
+    assert!(!text.contains("s3cr3t") && !text.contains("also"), "{text}");
+}
+
+#[test]
+fn syntax_errors_name_the_line_and_never_echo_it() {
+    let text = "[accounts.a]\nclient_id = \"a\"\nclient_secret = \"hunter2\" oops\n";
+    let e = errors(text);
+    assert_eq!(e.0.len(), 1);
+    assert_eq!(e.0[0].key, "line 3");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+#[test]
+fn a_missing_accounts_or_routes_table_is_named() {
+    assert_eq!(keys(""), ["accounts", "routes"]);
+}
+
+#[test]
+fn wrong_types_name_the_expected_type() {
+    let text = VALID.replace("[[routes]]", "[server]\nlisten = 8080\n[[routes]]");
+    let e = errors(&text);
+    assert_eq!(e.0[0].key, "server.listen");
+    assert!(
+        e.0[0].problem.contains("must be a string"),
+        "{}",
+        e.0[0].problem
+    );
+}
+
+#[test]
+fn repeated_routes_are_refused() {
+    let text =
+        format!("{VALID}[[routes]]\nupstream = \"https://b.example\"\naccount = \"media\"\n");
+    assert_eq!(keys(&text), ["routes[1].path_prefix"]);
+}
+
+#[test]
+fn secrets_come_from_files_and_inline_secrets_warn() {
+    let dir = std::env::temp_dir().join(format!("map-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secret");
+    std::fs::write(&file, "from-file\n").unwrap();
+    let text = VALID.replace(
+        "client_secret_env = \"SECRET\"",
+        &format!("client_secret_file = {:?}", file.display().to_string()),
+    );
+    let config = Config::parse(&text, &env).unwrap();
+    assert_eq!(config.accounts[0].secret.expose(), "from-file");
+    let missing = text.replace("secret\"", "nothing-here\"");
+    assert_eq!(keys(&missing), ["accounts.media.client_secret_file"]);
+    let inline = VALID.replace("client_secret_env = \"SECRET\"", "client_secret = \"x\"");
+    let config = Config::parse(&inline, &env).unwrap();
+    assert!(config.warnings[0].contains("accounts.media.client_secret"));
+    assert!(!config.warnings[0].contains("\"x\""));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_path_on_the_identity_origin_is_dropped_with_a_warning() {
+    let text = format!("[identity]\norigin = \"https://id.example/auth/\"\n{VALID}");
+    let config = Config::parse(&text, &env).unwrap();
+    assert_eq!(config.identity.origin, "https://id.example");
+    assert!(config.warnings[0].contains("identity.origin"));
+}

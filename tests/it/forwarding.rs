@@ -1,0 +1,296 @@
+//! What reaches the upstream, what comes back, and what the proxy refuses.
+
+use crate::support::*;
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use mosaic_auth_proxy::jwt;
+use mosaic_auth_proxy::stub::body::{pattern_byte, PatternBody};
+use mosaic_auth_proxy::stub::{StubAccount, StubSettings};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn the_upstream_receives_exactly_the_injected_token_and_none_of_the_client_credentials() {
+    let h = harness(StubSettings::default()).await;
+    let request = Request::get(h.proxy.url("/graphql?a=1&access_token=leaked&b=2"))
+        .header(header::AUTHORIZATION, "Bearer client-token")
+        .header(header::PROXY_AUTHORIZATION, "Basic cHJveHk6cHc=")
+        .header(header::CONNECTION, "keep-alive, x-hop")
+        .header("x-hop", "per-connection")
+        .header("keep-alive", "timeout=5")
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("x-end-to-end", "kept")
+        .body(empty())
+        .unwrap();
+    let reply = send(&client(), request).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+
+    let seen = h
+        .stubs
+        .upstream
+        .last()
+        .expect("the upstream saw the request");
+    let claims = seen
+        .verdict
+        .clone()
+        .expect("the upstream accepted the token");
+    assert_eq!(claims["iss"], "ax-id-service");
+    assert_eq!(claims["subjectType"], "ServiceAccount");
+    let auth = seen.headers[header::AUTHORIZATION].to_str().unwrap();
+    let token = auth
+        .strip_prefix("Bearer ")
+        .expect("exactly `Bearer <jwt>`");
+    assert_eq!(
+        seen.headers.get_all(header::AUTHORIZATION).iter().count(),
+        1
+    );
+    let parts = jwt::decode(token).expect("a JWT");
+    assert_eq!(parts.header["alg"], "RS256");
+    let jwks = get(&h.stubs.identity.jwks_url()).await.json();
+    assert_eq!(jwks["keys"][0]["kid"], parts.header["kid"]);
+
+    assert_eq!(seen.path, "/graphql");
+    assert_eq!(seen.query.as_deref(), Some("a=1&b=2"));
+    for gone in ["proxy-authorization", "x-hop", "keep-alive", "connection"] {
+        assert!(!seen.headers.contains_key(gone), "{gone} was forwarded");
+    }
+    assert_eq!(seen.headers["x-end-to-end"], "kept");
+    assert_eq!(seen.headers["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        h.proxy.addr.to_string().as_str()
+    );
+    assert_eq!(
+        seen.headers["host"],
+        h.stubs.upstream_addr.to_string().as_str()
+    );
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_clients_are_served() {
+    let h = harness(StubSettings::default()).await;
+    let request = Request::get(h.proxy.url("/whoami")).body(empty()).unwrap();
+    let reply = send(&h2_client(), request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["data"]["whoami"]["name"],
+        "demo-client (stand-in)"
+    );
+}
+
+#[tokio::test]
+async fn two_accounts_on_two_routes_inject_two_different_tokens() {
+    let mut settings = StubSettings::default();
+    settings
+        .accounts
+        .push(StubAccount::new("second-client", "second-secret"));
+    let stubs = Stubs::start(settings).await;
+    let text = format!(
+        r#"
+[identity]
+origin = "{origin}"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[accounts.first]
+client_id = "demo-client"
+client_secret_env = "CLIENT_SECRET"
+[accounts.second]
+client_id = "second-client"
+client_secret_env = "SECOND_SECRET"
+[[routes]]
+path_prefix = "/first"
+strip_prefix = true
+upstream = "http://{up}"
+account = "first"
+[[routes]]
+path_prefix = "/second"
+strip_prefix = true
+upstream = "http://{up}"
+account = "second"
+"#,
+        origin = stubs.identity.origin(),
+        up = stubs.upstream_addr
+    );
+    let proxy = TestProxy::start(&text).await.ready().await;
+    let first = get(&proxy.url("/first/whoami")).await.json();
+    let first_seen = stubs.upstream.last().unwrap();
+    let second = get(&proxy.url("/second/whoami")).await.json();
+    let second_seen = stubs.upstream.last().unwrap();
+    assert_eq!(first["data"]["whoami"]["name"], "demo-client (stand-in)");
+    assert_eq!(second["data"]["whoami"]["name"], "second-client (stand-in)");
+    assert_ne!(
+        first["data"]["whoami"]["sub"],
+        second["data"]["whoami"]["sub"]
+    );
+    assert_ne!(
+        first_seen.headers[header::AUTHORIZATION],
+        second_seen.headers[header::AUTHORIZATION]
+    );
+    assert_eq!(first_seen.path, "/whoami");
+    assert_eq!(second_seen.path, "/whoami");
+    assert_eq!(stubs.identity.token_requests(), 2);
+}
+
+const LARGE: u64 = 48 * 1024 * 1024;
+
+async fn check_pattern(body: hyper::body::Incoming) -> u64 {
+    let mut body = body;
+    let mut at = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("the body streams without error");
+        if let Ok(data) = frame.into_data() {
+            for (i, byte) in data.iter().enumerate() {
+                assert_eq!(*byte, pattern_byte(at + i as u64), "byte {}", at + i as u64);
+            }
+            at += data.len() as u64;
+        }
+    }
+    at
+}
+
+#[tokio::test]
+async fn a_large_body_streams_intact_in_both_directions() {
+    let h = harness(StubSettings::default()).await;
+    let upload = PatternBody::new(LARGE)
+        .map_err(|never| match never {})
+        .boxed();
+    let request = Request::post(h.proxy.url("/upload/echo"))
+        .body(upload)
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(check_pattern(response.into_body()).await, LARGE);
+
+    let request = Request::get(h.proxy.url(&format!("/download/bytes?n={LARGE}")))
+        .body(empty())
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(check_pattern(response.into_body()).await, LARGE);
+}
+
+#[tokio::test]
+async fn requests_no_route_matches_get_404_with_a_json_reason() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let text = stubs.config("", "").replace(
+        "account = \"main\"",
+        "account = \"main\"\npath_prefix = \"/media\"",
+    );
+    let proxy = TestProxy::start(&text).await.ready().await;
+    let reply = get(&proxy.url("/video/graphql")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.json()["error"], "no_route");
+    assert_eq!(reply.headers[header::CONTENT_TYPE], "application/json");
+    assert_eq!(stubs.upstream.requests(), 0);
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("the proxy answers")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn connect_and_absolute_form_requests_for_other_hosts_are_refused() {
+    let h = harness(StubSettings::default()).await;
+    let connect = raw_exchange(
+        h.proxy.addr,
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    let absolute = raw_exchange(
+        h.proxy.addr,
+        "GET http://example.com/graphql HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    )
+    .await;
+    assert!(absolute.starts_with("HTTP/1.1 403"), "{absolute}");
+    assert!(absolute.contains("not_an_open_proxy"), "{absolute}");
+    assert_eq!(h.stubs.upstream.requests(), 0);
+}
+
+#[tokio::test]
+async fn an_absolute_form_request_for_a_routed_host_is_served() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let text = stubs.config("", "").replace(
+        "account = \"main\"",
+        "account = \"main\"\nhost = \"media.example\"",
+    );
+    let proxy = TestProxy::start(&text).await.ready().await;
+    let answer = raw_exchange(
+        proxy.addr,
+        "GET http://media.example/whoami HTTP/1.1\r\nHost: media.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(stubs.upstream.accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_and_a_silent_one_a_504() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let closed = {
+        let l = std::net::TcpListener::bind(loopback()).unwrap();
+        l.local_addr().unwrap()
+    };
+    let silent = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let text = stubs
+        .config("", "")
+        .replace("[server]", "[server]\nupstream_timeout = \"300ms\"")
+        + &format!(
+            r#"
+[[routes]]
+path_prefix = "/closed"
+upstream = "http://{closed}"
+account = "main"
+[[routes]]
+path_prefix = "/silent"
+upstream = "http://{silent_addr}"
+account = "main"
+"#
+        );
+    let proxy = TestProxy::start(&text).await.ready().await;
+    let reply = get(&proxy.url("/closed/x")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["error"], "upstream_unreachable");
+    let reply = get(&proxy.url("/silent/x")).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["error"], "upstream_timeout");
+    let body = String::from_utf8_lossy(&reply.body).to_string();
+    assert!(!body.contains(&silent_addr.to_string()), "{body}");
+    drop(silent);
+}
+
+#[tokio::test]
+async fn the_upstream_answer_passes_through_untouched_including_mosaic_errors() {
+    let h = harness(StubSettings::default()).await;
+    // A token given in the query as well as the header makes Mosaic answer 400; the proxy
+    // removes the query token, so the request succeeds.
+    let reply = get(&h.proxy.url("/graphql?access_token=x")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(h.stubs.upstream.accepted(), 1);
+    // A method and body of the client's choosing reach the upstream as sent.
+    let request = Request::builder()
+        .method(Method::PUT)
+        .uri(h.proxy.url("/things/echo"))
+        .body(
+            http_body_util::Full::new(Bytes::from_static(b"{\"query\":\"{ a }\"}"))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let reply = send(&client(), request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(&reply.body[..], b"{\"query\":\"{ a }\"}");
+    assert_eq!(h.stubs.upstream.last().unwrap().method, Method::PUT);
+    assert!(h.stubs.upstream.last().unwrap().verdict.is_ok());
+}

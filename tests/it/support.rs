@@ -1,0 +1,231 @@
+//! The test harness: the identity stand-in, a Mosaic stand-in and the proxy, in process, on
+//! port 0, stopped when the harness is dropped.
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use mosaic_auth_proxy::identity::Account;
+use mosaic_auth_proxy::shutdown::{self, ShutdownTrigger};
+use mosaic_auth_proxy::stub::{
+    IdentityStub, MosaicUpstream, SigningKey, StubHandle, StubSettings, UpstreamHandle,
+};
+use mosaic_auth_proxy::{App, Config};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+/// The secret of the stand-in's default account, given to the proxy through `env`.
+pub const SECRET: &str = "demo-secret";
+
+pub fn loopback() -> SocketAddr {
+    ([127, 0, 0, 1], 0).into()
+}
+
+/// Looks up the variables the test configurations name.
+pub fn env(name: &str) -> Option<String> {
+    match name {
+        "CLIENT_SECRET" => Some(SECRET.into()),
+        "SECOND_SECRET" => Some("second-secret".into()),
+        _ => None,
+    }
+}
+
+/// Identity settings that make tests fast: short retry delays.
+pub const FAST_IDENTITY: &str = r#"
+retry_initial = "50ms"
+retry_max = "200ms"
+permanent_retry = "300ms"
+"#;
+
+/// The stand-ins, started before the proxy so its configuration can name them.
+pub struct Stubs {
+    pub identity: StubHandle,
+    pub upstream: UpstreamHandle,
+    pub upstream_addr: SocketAddr,
+    trigger: ShutdownTrigger,
+}
+
+impl Stubs {
+    pub async fn start(settings: StubSettings) -> Stubs {
+        let (trigger, signal) = shutdown::channel();
+        let identity = IdentityStub::bind(loopback(), settings, SigningKey::bundled())
+            .await
+            .unwrap();
+        let handle = identity.handle();
+        tokio::spawn(identity.run(signal.clone()));
+        let upstream = MosaicUpstream::bind(loopback(), handle.origin())
+            .await
+            .unwrap();
+        let upstream_addr = upstream.local_addr();
+        let upstream_handle = upstream.handle();
+        tokio::spawn(upstream.run(signal.clone()));
+        Stubs {
+            identity: handle,
+            upstream: upstream_handle,
+            upstream_addr,
+            trigger,
+        }
+    }
+
+    /// A configuration with one account and one catch-all route; `identity` is added to
+    /// the `[identity]` table, `rest` to the end.
+    pub fn config(&self, identity: &str, rest: &str) -> String {
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+token_wait = "3s"
+
+[identity]
+origin = "{origin}"
+{FAST_IDENTITY}
+{identity}
+
+[accounts.main]
+client_id = "demo-client"
+client_secret_env = "CLIENT_SECRET"
+
+[[routes]]
+upstream = "http://{upstream}"
+account = "main"
+{rest}
+"#,
+            origin = self.identity.origin(),
+            upstream = self.upstream_addr,
+        )
+    }
+}
+
+impl Drop for Stubs {
+    fn drop(&mut self) {
+        self.trigger.trigger();
+    }
+}
+
+/// A running proxy.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub accounts: Arc<[Arc<Account>]>,
+    trigger: ShutdownTrigger,
+}
+
+impl TestProxy {
+    pub async fn start(config_text: &str) -> TestProxy {
+        let config = Config::parse(config_text, &env).expect("the test configuration is valid");
+        let app = App::bind(config).await.expect("the proxy binds");
+        let (trigger, signal) = shutdown::channel();
+        let proxy = TestProxy {
+            addr: app.local_addr(),
+            admin: app.admin_addr().expect("tests configure an admin listener"),
+            accounts: app.accounts(),
+            trigger,
+        };
+        tokio::spawn(app.run(signal));
+        proxy
+    }
+
+    /// Waits (bounded) until every account holds a token.
+    pub async fn ready(self) -> TestProxy {
+        for account in self.accounts.iter() {
+            account
+                .header_or_wait(Duration::from_secs(5))
+                .await
+                .expect("the first token arrives");
+        }
+        self
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.trigger.trigger();
+    }
+}
+
+/// The stand-ins and a proxy in front of them.
+pub struct Harness {
+    pub stubs: Stubs,
+    pub proxy: TestProxy,
+}
+
+/// Starts stand-ins with `settings` and a ready proxy with the default configuration.
+pub async fn harness(settings: StubSettings) -> Harness {
+    let stubs = Stubs::start(settings).await;
+    let proxy = TestProxy::start(&stubs.config("", "")).await.ready().await;
+    Harness { stubs, proxy }
+}
+
+/// An HTTP/1.1 client with a connection pool.
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An HTTP/2 prior-knowledge client.
+pub fn h2_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+pub fn empty() -> TestBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A response read whole.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends `request` and reads the whole answer.
+pub async fn send(client: &Client<HttpConnector, TestBody>, request: Request<TestBody>) -> Reply {
+    let response = client.request(request).await.expect("the proxy answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("the body arrives").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends a GET to `url`.
+pub async fn get(url: &str) -> Reply {
+    let request = Request::get(url).body(empty()).unwrap();
+    send(&client(), request).await
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,97 @@
+//! Obtaining, sharing and rotating tokens.
+
+use crate::support::*;
+use http::{Request, StatusCode};
+use mosaic_auth_proxy::stub::{Fault, StubSettings};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test]
+async fn a_thousand_concurrent_requests_at_start_up_cause_exactly_one_token_request() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    // The first token takes a while, so every request arrives while it is being fetched.
+    stubs
+        .identity
+        .set_fault(Some(Fault::Slow(Duration::from_millis(500))));
+    let proxy = TestProxy::start(&stubs.config("", "")).await;
+    let client = client();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let client = client.clone();
+        let url = proxy.url(&format!("/whoami?i={i}"));
+        requests.spawn(async move {
+            send(&client, Request::get(url).body(empty()).unwrap())
+                .await
+                .status
+        });
+    }
+    let mut ok = 0;
+    while let Some(status) = requests.join_next().await {
+        if status.unwrap() == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 1000);
+    assert_eq!(stubs.identity.token_requests(), 1);
+    assert_eq!(stubs.upstream.accepted(), 1000);
+}
+
+#[tokio::test]
+async fn tokens_rotate_under_continuous_traffic_without_one_failed_request() {
+    let stubs = Stubs::start(StubSettings {
+        lifetime: Duration::from_secs(2),
+        ..StubSettings::default()
+    })
+    .await;
+    let text = stubs.config("refresh_margin = \"200ms\"\nrefresh_jitter = 0.0", "");
+    let proxy = TestProxy::start(&text).await.ready().await;
+    let failures = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url) = (client(), proxy.url("/whoami"));
+        let (failures, done) = (failures.clone(), done.clone());
+        workers.spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let reply = send(&client, Request::get(&url).body(empty()).unwrap()).await;
+                let accepted = reply.status == StatusCode::OK
+                    && serde_json::from_slice::<serde_json::Value>(&reply.body)
+                        .map(|v| v["data"]["whoami"].is_object())
+                        .unwrap_or(false);
+                if !accepted {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    let (done, failures) = (done.load(Ordering::SeqCst), failures.load(Ordering::SeqCst));
+    assert!(done > 1000, "only {done} requests were made");
+    assert_eq!(failures, 0, "{failures} of {done} requests failed");
+    assert_eq!(stubs.upstream.expired(), 0);
+    assert_eq!(stubs.upstream.refused(), 0);
+    // A 2 s token refreshed at 75% of what is left of it: ten to twenty tokens in 20 s.
+    let tokens = stubs.identity.token_requests();
+    assert!((10..=22).contains(&tokens), "{tokens} token requests");
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_first_token() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    stubs.identity.set_fault(Some(Fault::Http500));
+    let proxy = TestProxy::start(&stubs.config("", "")).await;
+    let admin = format!("http://{}", proxy.admin);
+    assert_eq!(get(&format!("{admin}/health")).await.status, StatusCode::OK);
+    let not_ready = get(&format!("{admin}/ready")).await;
+    assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(not_ready.json()["waiting"][0]["account"], "main");
+    stubs.identity.set_fault(None);
+    let ready = eventually(Duration::from_secs(5), async || {
+        get(&format!("{admin}/ready")).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(ready, "the proxy never became ready");
+}
