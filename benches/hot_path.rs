@@ -1,1 +1,156 @@
-fn main() {}
+//! Criterion benchmarks of the request path: the token read, the header rewrite, and whole
+//! round trips through the proxy on loopback, against a direct round trip as the baseline.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
+use mosaic_auth_proxy::identity::{Account, Grant, Token};
+use mosaic_auth_proxy::proxy::headers::{forwarded_for, remove_hop_by_hop};
+use mosaic_auth_proxy::secret::Secret;
+use mosaic_auth_proxy::shutdown::{self, Shutdown};
+use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubSettings};
+use mosaic_auth_proxy::{App, Config};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+const JWT: &str =
+    "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.c2lnbmF0dXJl";
+
+fn account_with_token() -> Account {
+    let account = Account::new("bench", "client", Secret::new("secret"));
+    let grant = Grant {
+        access_token: Secret::new(JWT),
+        lifetime: Duration::from_secs(3600),
+        sent_at: Instant::now(),
+    };
+    account.install(Token::new(grant, &RefreshPolicy::default(), 0.0).unwrap());
+    account
+}
+
+fn typical_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, value) in [
+        ("host", "proxy.internal:8080"),
+        ("user-agent", "legacy-app/1.0"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("content-length", "512"),
+        ("connection", "keep-alive"),
+        ("authorization", "Bearer stale-client-token"),
+        ("x-request-id", "5b1f0f7e-3f5e-4c1e-9d6a-5d8f1b0c2a11"),
+    ] {
+        h.insert(
+            header::HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    h
+}
+
+fn token_and_rewrite(c: &mut Criterion) {
+    let account = account_with_token();
+    c.bench_function("hot_path/usable_header", |b| {
+        b.iter(|| account.usable_header().expect("a token is cached"))
+    });
+    let template = typical_headers();
+    let peer = "127.0.0.1".parse().unwrap();
+    c.bench_function("hot_path/rewrite_request_headers", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |headers| {
+                remove_hop_by_hop(headers);
+                headers.remove(header::HOST);
+                headers.remove(header::AUTHORIZATION);
+                let xff = forwarded_for(headers.get("x-forwarded-for"), peer);
+                headers.insert("x-forwarded-for", xff);
+                headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+                headers.insert(header::AUTHORIZATION, account.usable_header().unwrap());
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+/// A minimal upstream, so the round trip measures the proxy and not the stand-in's RSA check.
+async fn plain_upstream(signal: Shutdown) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = Bytes::from(vec![b'x'; 1024]);
+    tokio::spawn(mosaic_auth_proxy::server::serve(
+        listener,
+        move |_| {
+            let body = body.clone();
+            hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let body = body.clone();
+                async move {
+                    // Drain the request so the connection stays reusable.
+                    let _ = request.into_body().collect().await;
+                    Ok::<_, Infallible>(Response::new(Full::new(body)))
+                }
+            })
+        },
+        signal,
+        Duration::from_secs(1),
+    ));
+    addr
+}
+
+fn round_trips(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_trigger, signal) = shutdown::channel();
+    let (proxy_addr, upstream_addr) = rt.block_on(async {
+        let stub = IdentityStub::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            StubSettings::default(),
+            SigningKey::bundled(),
+        )
+        .await
+        .unwrap();
+        let origin = stub.handle().origin().to_owned();
+        tokio::spawn(stub.run(signal.clone()));
+        let upstream = plain_upstream(signal.clone()).await;
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[identity]\norigin = \"{origin}\"\n\
+             [accounts.a]\nclient_id = \"demo-client\"\nclient_secret_env = \"S\"\n\
+             [[routes]]\nupstream = \"http://{upstream}\"\naccount = \"a\"\n"
+        );
+        let config = Config::parse(&text, &|_| Some("demo-secret".into())).unwrap();
+        let app = App::bind(config).await.unwrap();
+        let addr = app.local_addr();
+        let accounts = app.accounts();
+        tokio::spawn(app.run(signal.clone()));
+        accounts[0]
+            .header_or_wait(Duration::from_secs(5))
+            .await
+            .unwrap();
+        (addr, upstream)
+    });
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let mut group = c.benchmark_group("round_trip");
+    group.throughput(Throughput::Elements(1));
+    for (name, addr) in [
+        ("direct_h1_keepalive_1kb", upstream_addr),
+        ("forward_h1_keepalive_1kb", proxy_addr),
+    ] {
+        let uri: http::Uri = format!("http://{addr}/graphql").parse().unwrap();
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                let response = client.get(uri.clone()).await.unwrap();
+                assert!(response.status().is_success());
+                response.into_body().collect().await.unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, token_and_rewrite, round_trips);
+criterion_main!(benches);

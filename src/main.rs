@@ -43,6 +43,12 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
+        /// Listen here instead of at server.listen (containers: "0.0.0.0:8080").
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Serve health and readiness here instead of at server.admin_listen.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
     },
     /// Validate a configuration (secrets included) without serving.
     Check {
@@ -139,14 +145,24 @@ async fn dispatch(command: Command) -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run {
+            config,
+            listen,
+            admin_listen,
+        } => {
+            let mut config = match Config::load(&config) {
                 Ok(config) => config,
                 Err(errors) => {
                     eprint!("error: {errors}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if admin_listen.is_some() {
+                config.server.admin_listen = admin_listen;
+            }
             for warning in &config.warnings {
                 tracing::warn!("{warning}");
             }

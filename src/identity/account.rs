@@ -114,7 +114,8 @@ impl Account {
         }
     }
 
-    fn install(&self, token: Token) {
+    /// Replaces the cached token. In a running proxy [`keep_fresh`] is the only caller.
+    pub fn install(&self, token: Token) {
         self.current.store(Some(Arc::new(token)));
     }
 }
