@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use mosaic_auth_proxy::config::SecretSource;
 use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
 use mosaic_auth_proxy::proxy::headers::{forwarded_for, remove_hop_by_hop};
@@ -24,7 +25,13 @@ const JWT: &str =
     "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.c2lnbmF0dXJl";
 
 fn account_with_token() -> Account {
-    let account = Account::new("bench", "client", Secret::new("secret"));
+    let account = Account::new(
+        "bench",
+        "client",
+        Secret::new("secret"),
+        SecretSource::Inline,
+        Default::default(),
+    );
     let grant = Grant {
         access_token: Secret::new(JWT),
         lifetime: Duration::from_secs(3600),

@@ -1,7 +1,8 @@
 //! Bind, then run: the proxy's listeners, accounts and background tasks as one value.
 
 use crate::config::Config;
-use crate::identity::account::{keep_fresh, Policies};
+use crate::config::SecretSource;
+use crate::identity::refresher::{keep_fresh, watch_secret_file, Policies};
 use crate::identity::{Account, IdentityClient};
 use crate::proxy::forward::upstream_client;
 use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
@@ -28,6 +29,17 @@ pub enum StartError {
     IdentityClient(#[source] reqwest::Error),
 }
 
+/// Why the proxy stopped before serving.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("account {account} has no token after {}: {reason}", humantime::format_duration(*.waited))]
+    NotReady {
+        account: String,
+        waited: Duration,
+        reason: String,
+    },
+}
+
 /// A proxy whose listeners are bound and whose accounts are created; nothing runs yet.
 pub struct App {
     listener: TcpListener,
@@ -38,6 +50,7 @@ pub struct App {
     accounts: Arc<[Arc<Account>]>,
     identity: IdentityClient,
     policies: Policies,
+    secret_poll: Duration,
     shutdown_grace: Duration,
 }
 
@@ -55,7 +68,15 @@ impl App {
         let accounts: Arc<[Arc<Account>]> = config
             .accounts
             .iter()
-            .map(|a| Arc::new(Account::new(&a.name, &a.client_id, a.secret.clone())))
+            .map(|a| {
+                Arc::new(Account::new(
+                    &a.name,
+                    &a.client_id,
+                    a.secret.clone(),
+                    a.secret_source.clone(),
+                    config.identity.breaker.clone(),
+                ))
+            })
             .collect();
         let routes = config
             .routes
@@ -67,6 +88,7 @@ impl App {
             upstream_client(tls, config.server.connect_timeout),
             config.server.upstream_timeout,
             config.server.token_wait,
+            config.server.replay_body_limit,
         ));
         let listener = bind(config.server.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
@@ -90,6 +112,7 @@ impl App {
                 refresh: config.identity.refresh.clone(),
                 retry: config.identity.retry.clone(),
             },
+            secret_poll: config.identity.secret_poll,
             shutdown_grace: config.server.shutdown_grace,
         })
     }
@@ -111,6 +134,17 @@ impl App {
 
     /// Starts the token refreshers and serves until `shutdown`, then drains for the grace period.
     pub async fn run(self, shutdown: Shutdown) {
+        let _ = self.run_when_ready(shutdown, None).await;
+    }
+
+    /// Like [`App::run`], but with `wait_ready` the listener accepts no connection before every
+    /// account holds its first token (connections made meanwhile wait in the backlog), and
+    /// the proxy stops with [`RunError::NotReady`] if that takes longer than `wait_ready`.
+    pub async fn run_when_ready(
+        self,
+        shutdown: Shutdown,
+        wait_ready: Option<Duration>,
+    ) -> Result<(), RunError> {
         let mut tasks = tokio::task::JoinSet::new();
         for account in self.accounts.iter() {
             tasks.spawn(keep_fresh(
@@ -119,6 +153,13 @@ impl App {
                 self.policies.clone(),
                 shutdown.clone(),
             ));
+            if matches!(account.secret_source(), SecretSource::File(_)) {
+                tasks.spawn(watch_secret_file(
+                    account.clone(),
+                    self.secret_poll,
+                    shutdown.clone(),
+                ));
+            }
         }
         if let Some(admin) = self.admin {
             let accounts = self.accounts.clone();
@@ -128,6 +169,24 @@ impl App {
                 shutdown.clone(),
                 self.shutdown_grace,
             ));
+        }
+        if let Some(limit) = wait_ready {
+            let deadline = tokio::time::Instant::now() + limit;
+            for account in self.accounts.iter() {
+                if !account.wait_ready(deadline).await {
+                    let reason = account
+                        .unavailable()
+                        .failure
+                        .map_or_else(|| "no answer yet".to_owned(), |f| f.to_string());
+                    tasks.abort_all();
+                    return Err(RunError::NotReady {
+                        account: account.name().to_owned(),
+                        waited: limit,
+                        reason,
+                    });
+                }
+            }
+            tracing::info!("every account holds a token");
         }
         let proxy = self.proxy.clone();
         tracing::info!(
@@ -150,6 +209,7 @@ impl App {
         })
         .await;
         tracing::info!("proxy stopped");
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use mosaic_auth_proxy::config::Config;
 use mosaic_auth_proxy::demo::{self, DemoOptions};
+use mosaic_auth_proxy::identity::Account;
 use mosaic_auth_proxy::shutdown::{self, ShutdownTrigger};
 use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubAccount, StubSettings};
 use mosaic_auth_proxy::App;
@@ -49,6 +50,10 @@ enum Command {
         /// Serve health and readiness here instead of at server.admin_listen.
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
+        /// Accept connections only once every account holds a token; exit with status 69
+        /// if that takes longer than SECONDS. Prints "ready" on standard output when serving.
+        #[arg(long, value_name = "SECONDS")]
+        wait_ready: Option<u64>,
     },
     /// Validate a configuration (secrets included) without serving.
     Check {
@@ -149,6 +154,7 @@ async fn dispatch(command: Command) -> ExitCode {
             config,
             listen,
             admin_listen,
+            wait_ready,
         } => {
             let mut config = match Config::load(&config) {
                 Ok(config) => config,
@@ -169,14 +175,36 @@ async fn dispatch(command: Command) -> ExitCode {
             let app = match App::bind(config).await {
                 Ok(app) => app,
                 Err(error) => {
-                    tracing::error!(error = %mosaic_auth_proxy::identity::account::error_chain(&error), "cannot start");
+                    tracing::error!(error = %mosaic_auth_proxy::identity::error_chain(&error), "cannot start");
                     return ExitCode::from(EXIT_START);
                 }
             };
             let (trigger, signal) = shutdown::channel();
             tokio::spawn(stop_on_signal(trigger));
-            app.run(signal).await;
-            ExitCode::SUCCESS
+            tokio::spawn(reload_on_hangup(app.accounts()));
+            let accounts = app.accounts();
+            let announce = async move {
+                if wait_ready.is_some() {
+                    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+                    for account in accounts.iter() {
+                        account.wait_ready(far).await;
+                    }
+                    println!("ready");
+                }
+            };
+            let run = app.run_when_ready(signal, wait_ready.map(Duration::from_secs));
+            tokio::pin!(run);
+            let result = tokio::select! {
+                result = &mut run => result,
+                () = announce => run.await,
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "not ready in time");
+                    ExitCode::from(EXIT_START)
+                }
+            }
         }
         Command::Demo {
             listen,
@@ -196,7 +224,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(error) => {
                     eprintln!(
                         "error: {}",
-                        mosaic_auth_proxy::identity::account::error_chain(&error)
+                        mosaic_auth_proxy::identity::error_chain(&error)
                     );
                     ExitCode::from(EXIT_START)
                 }
@@ -257,6 +285,28 @@ async fn dispatch(command: Command) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Reads every account's secret again on SIGHUP (files at once; an environment variable
+/// can only change with a restart, so it is read but cannot differ).
+async fn reload_on_hangup(accounts: std::sync::Arc<[std::sync::Arc<Account>]>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reading the client secrets again");
+            for account in accounts.iter() {
+                if let Err(error) = account.reload_secret() {
+                    tracing::warn!(account = account.name(), %error, "cannot read the secret again; keeping the one in use");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = accounts;
 }
 
 async fn stop_on_signal(trigger: ShutdownTrigger) {

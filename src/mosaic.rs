@@ -101,6 +101,18 @@ impl ErrorCode {
         }
     }
 
+    /// Tells whether a service answering with this code refused the token itself, so that a
+    /// fresh token may cure it. `USER_NOT_AUTHORIZED` is not: the token was fine.
+    pub fn is_token_rejection(&self) -> bool {
+        matches!(
+            self,
+            ErrorCode::AccessTokenExpired
+                | ErrorCode::AccessTokenVerificationFailed
+                | ErrorCode::SigningKeyNotFound
+                | ErrorCode::AccessTokenRequired
+        )
+    }
+
     /// Tells whether a failed login with this code is worth trying again without a new secret.
     pub fn is_transient_login_failure(&self) -> bool {
         matches!(
@@ -159,6 +171,25 @@ impl GraphqlError {
     }
 }
 
+/// Finds the code of a token rejection in a GraphQL reply body, if it holds one.
+pub fn token_rejection(body: &[u8]) -> Option<ErrorCode> {
+    #[derive(Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        errors: Vec<GraphqlError>,
+    }
+    // Most replies carry no errors at all: skip parsing them.
+    if !body.windows(8).any(|w| w == b"\"errors\"") {
+        return None;
+    }
+    serde_json::from_slice::<Reply>(body)
+        .ok()?
+        .errors
+        .iter()
+        .filter_map(GraphqlError::code)
+        .find(ErrorCode::is_token_rejection)
+}
+
 /// Builds a Mosaic-shaped GraphQL error reply body (`data: null`), as the services send it.
 pub fn error_body(code: &ErrorCode, message: &str, operation: Option<&str>, path: &str) -> String {
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
@@ -196,6 +227,19 @@ mod tests {
             "USER_NOT_AUTHORIZED"
         );
         assert_eq!(ErrorCode::parse("NEW_THING").as_str(), "NEW_THING");
+    }
+
+    #[test]
+    fn token_rejections_are_found_and_permission_errors_are_not() {
+        let expired = error_body(&ErrorCode::AccessTokenExpired, "x", None, "q");
+        assert_eq!(
+            token_rejection(expired.as_bytes()),
+            Some(ErrorCode::AccessTokenExpired)
+        );
+        let denied = error_body(&ErrorCode::UserNotAuthorized, "x", None, "q");
+        assert_eq!(token_rejection(denied.as_bytes()), None);
+        assert_eq!(token_rejection(br#"{"data":{"a":1}}"#), None);
+        assert_eq!(token_rejection(br#"{"errors": not json"#), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The token read on the request path allocates nothing. Its own binary: it counts every
 //! allocation of the process.
 
+use mosaic_auth_proxy::config::SecretSource;
 use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
 use mosaic_auth_proxy::secret::Secret;
@@ -10,7 +11,13 @@ const JWT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.c
 
 #[test]
 fn reading_the_cached_token_allocates_nothing() {
-    let account = Account::new("a", "client", Secret::new("secret"));
+    let account = Account::new(
+        "a",
+        "client",
+        Secret::new("secret"),
+        SecretSource::Inline,
+        Default::default(),
+    );
     let grant = Grant {
         access_token: Secret::new(JWT),
         lifetime: Duration::from_secs(3600),

@@ -5,7 +5,9 @@
 
 mod section;
 
+use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
+use crate::identity::refresher::DEFAULT_SECRET_POLL;
 use crate::secret::Secret;
 use http::uri::{Authority, Scheme};
 use http::Uri;
@@ -32,6 +34,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(5);
 /// The largest identity reply read before it is called broken.
 pub const DEFAULT_MAX_REPLY_BYTES: u64 = 64 * 1024;
+/// The largest request body kept so that the request can be replayed after a rejection.
+pub const DEFAULT_REPLAY_BODY_LIMIT: u64 = 64 * 1024;
 
 /// One bad key: its dotted name, what is wrong and how to fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +87,8 @@ pub struct ServerConfig {
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
     pub token_wait: Duration,
+    /// Request bodies up to this size are kept for one replay after a token rejection.
+    pub replay_body_limit: u64,
 }
 
 /// The `[identity]` table.
@@ -94,6 +100,9 @@ pub struct IdentityConfig {
     pub max_reply_bytes: u64,
     pub refresh: RefreshPolicy,
     pub retry: RetryPolicy,
+    pub breaker: BreakerPolicy,
+    /// How often file secrets are read again to notice a rotation.
+    pub secret_poll: Duration,
 }
 
 /// The `[tls]` table: how upstreams and the identity service are verified.
@@ -129,6 +138,8 @@ pub struct RouteConfig {
     pub path_prefix: String,
     pub upstream: Upstream,
     pub strip_prefix: bool,
+    /// Replay a request once with a fresh token when the upstream refused the token.
+    pub replay: bool,
     /// Index into [`Config::accounts`].
     pub account: usize,
 }
@@ -250,6 +261,7 @@ fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -> ServerCon
             "connect_timeout",
             "shutdown_grace",
             "token_wait",
+            "replay_body_limit",
         ],
     );
     let listen = s
@@ -262,6 +274,11 @@ fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -> ServerCon
         connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         shutdown_grace: s.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         token_wait: s.duration("token_wait", DEFAULT_TOKEN_WAIT),
+        replay_body_limit: s.integer(
+            "replay_body_limit",
+            DEFAULT_REPLAY_BODY_LIMIT,
+            (0, 16 * 1024 * 1024),
+        ),
     };
     for (key, value) in [
         ("upstream_timeout", config.upstream_timeout),
@@ -294,8 +311,12 @@ fn parse_identity(
             "retry_initial",
             "retry_max",
             "permanent_retry",
+            "breaker_threshold",
+            "breaker_cooldown",
+            "secret_poll",
         ],
     );
+    let defaults_breaker = BreakerPolicy::default();
     let defaults_refresh = RefreshPolicy::default();
     let defaults_retry = RetryPolicy::default();
     let origin = s.string("origin").unwrap_or(DEFAULT_IDENTITY_ORIGIN);
@@ -336,7 +357,23 @@ fn parse_identity(
             max: s.duration("retry_max", defaults_retry.max),
             permanent: s.duration("permanent_retry", defaults_retry.permanent),
         },
+        breaker: BreakerPolicy {
+            threshold: s.integer(
+                "breaker_threshold",
+                defaults_breaker.threshold.into(),
+                (1, 100),
+            ) as u32,
+            cooldown: s.duration("breaker_cooldown", defaults_breaker.cooldown),
+        },
+        secret_poll: s.duration("secret_poll", DEFAULT_SECRET_POLL),
     };
+    if config.secret_poll < std::time::Duration::from_millis(10) {
+        s.error(
+            "secret_poll",
+            "is shorter than 10ms",
+            "use a duration such as \"5s\"",
+        );
+    }
     if config.timeout.is_zero() {
         s.error(
             "timeout",
@@ -557,7 +594,14 @@ fn parse_routes(
         let mut s = Section::new(
             path,
             t,
-            &["host", "path_prefix", "upstream", "strip_prefix", "account"],
+            &[
+                "host",
+                "path_prefix",
+                "upstream",
+                "strip_prefix",
+                "replay",
+                "account",
+            ],
         );
         let host = s.string("host").and_then(|h| match normalize_host(h) {
             Some(h) => Some(h),
@@ -603,6 +647,7 @@ fn parse_routes(
                 }
             });
         let strip_prefix = s.bool("strip_prefix", false);
+        let replay = s.bool("replay", true);
         let account = s
             .required_string("account", "name one of the [accounts.NAME] tables")
             .and_then(|name| match accounts.iter().position(|a| *a == name) {
@@ -629,6 +674,7 @@ fn parse_routes(
                 path_prefix,
                 upstream,
                 strip_prefix,
+                replay,
                 account,
             });
         }

@@ -1,26 +1,27 @@
-//! One service account: its cached token (one writer, lock-free readers) and the task that
-//! keeps it fresh.
+//! One service account: its secret, its cached token (one writer, lock-free readers), and
+//! the signals between request path and refresher.
 
-use super::client::{IdentityClient, IdentityError};
-use super::refresh::{retry_delay, RefreshPolicy, RetryPolicy};
+use super::breaker::{Breaker, BreakerPolicy, Verdict};
+use super::client::IdentityError;
 use super::token::Token;
-use crate::secret::Secret;
-use crate::shutdown::Shutdown;
-use arc_swap::ArcSwapOption;
+use crate::config::{read_secret_file, SecretSource};
+use crate::secret::{fingerprint, Secret};
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// What the refresher last did, watched by requests that wait for a token and by readiness.
 #[derive(Clone, Debug, Default)]
-struct Progress {
-    /// A token request is under way.
-    fetching: bool,
+pub(super) struct Progress {
+    /// A token request is under way or about to be.
+    pub(super) fetching: bool,
     /// The last request failed, and why; `None` after a success.
-    failure: Option<Arc<IdentityError>>,
+    pub(super) failure: Option<Arc<IdentityError>>,
     /// When the refresher will ask next, if it is waiting.
-    next_attempt: Option<Instant>,
+    pub(super) next_attempt: Option<Instant>,
 }
 
 /// Why a request cannot be given a token now.
@@ -32,19 +33,47 @@ pub struct TokenUnavailable {
     pub retry_after_secs: u64,
 }
 
+/// What the proxy should do after an upstream refused a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// A new token is (or already was) on its way: wait for it and replay if allowed.
+    Refresh,
+    /// The breaker is open: pass the upstream's answer through.
+    Held,
+}
+
+/// Why the refresher should ask for a token before its schedule says so.
+#[derive(Debug, Default)]
+pub(super) struct Wake {
+    pub(super) notify: Notify,
+    /// An upstream refused the current token.
+    pub(super) rejected: AtomicBool,
+    /// The client secret changed.
+    pub(super) secret_changed: AtomicBool,
+}
+
 /// One named service account and its current token.
 #[derive(Debug)]
 pub struct Account {
-    name: String,
-    client_id: String,
-    secret: Secret,
-    current: ArcSwapOption<Token>,
-    progress: watch::Sender<Progress>,
+    pub(super) name: String,
+    pub(super) client_id: String,
+    secret: ArcSwap<Secret>,
+    secret_source: SecretSource,
+    pub(super) current: ArcSwapOption<Token>,
+    pub(super) progress: watch::Sender<Progress>,
+    pub(super) wake: Wake,
+    breaker: Mutex<Breaker>,
 }
 
 impl Account {
-    /// Creates an account with no token yet; [`keep_fresh`] obtains the first one.
-    pub fn new(name: impl Into<String>, client_id: impl Into<String>, secret: Secret) -> Account {
+    /// Creates an account with no token yet; the refresher obtains the first one.
+    pub fn new(
+        name: impl Into<String>,
+        client_id: impl Into<String>,
+        secret: Secret,
+        secret_source: SecretSource,
+        breaker: BreakerPolicy,
+    ) -> Account {
         let progress = Progress {
             fetching: true,
             ..Progress::default()
@@ -52,15 +81,28 @@ impl Account {
         Account {
             name: name.into(),
             client_id: client_id.into(),
-            secret,
+            secret: ArcSwap::from_pointee(secret),
+            secret_source,
             current: ArcSwapOption::empty(),
             progress: watch::channel(progress).0,
+            wake: Wake::default(),
+            breaker: Mutex::new(Breaker::new(breaker)),
         }
     }
 
     /// Returns the account's name from the configuration.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Returns the current client secret.
+    pub fn secret(&self) -> Arc<Secret> {
+        self.secret.load_full()
+    }
+
+    /// Returns where the secret comes from.
+    pub fn secret_source(&self) -> &SecretSource {
+        &self.secret_source
     }
 
     /// Returns the `Authorization` value to inject now, if a usable token is cached.
@@ -96,6 +138,21 @@ impl Account {
         }
     }
 
+    /// Waits until a usable token is cached, across failed attempts, until `deadline`.
+    /// Returns whether one is.
+    pub async fn wait_ready(&self, deadline: tokio::time::Instant) -> bool {
+        let mut progress = self.progress.subscribe();
+        loop {
+            if self.is_ready() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, progress.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return self.is_ready(),
+            }
+        }
+    }
+
     /// Tells whether a usable token is cached.
     pub fn is_ready(&self) -> bool {
         self.usable_header().is_some()
@@ -114,120 +171,76 @@ impl Account {
         }
     }
 
-    /// Replaces the cached token. In a running proxy [`keep_fresh`] is the only caller.
+    /// Replaces the cached token. In a running proxy the refresher is the only caller.
     pub fn install(&self, token: Token) {
         self.current.store(Some(Arc::new(token)));
     }
-}
 
-/// How far `exp` may disagree with `expiresInSeconds` before a warning; Mosaic's
-/// truncation of `iat` to the second alone accounts for one.
-const CLOCK_WARNING_SECS: f64 = 5.0;
-
-/// The timing rules of [`keep_fresh`].
-#[derive(Clone, Debug, Default)]
-pub struct Policies {
-    pub refresh: RefreshPolicy,
-    pub retry: RetryPolicy,
-}
-
-/// Keeps one account's token fresh until shutdown: the only writer of its cache, so exactly one
-/// token request per account is ever in flight.
-pub async fn keep_fresh(
-    account: Arc<Account>,
-    client: IdentityClient,
-    policies: Policies,
-    mut shutdown: Shutdown,
-) {
-    let mut failures: u32 = 0;
-    let mut last_kind: Option<&'static str> = None;
-    let mut warned_clock = false;
-    loop {
-        account.progress.send_modify(|p| p.fetching = true);
-        let attempt = tokio::select! {
-            result = client.request_token(&account.client_id, &account.secret) => result,
-            _ = shutdown.wait() => return,
-        };
-        let outcome =
-            attempt.and_then(|grant| Token::new(grant, &policies.refresh, rand::random::<f64>()));
-        let next = match outcome {
-            Ok(token) => {
-                tracing::info!(
-                    account = %account.name,
-                    token = token.fingerprint(),
-                    lifetime_s = token.lifetime().as_secs(),
-                    refresh_in_s = token.refresh_at().saturating_duration_since(Instant::now()).as_secs_f32(),
-                    recovered_after = failures,
-                    "obtained an access token"
+    /// Records that an upstream refused the token `sent`: unless the breaker holds, the
+    /// token is dropped if it is still the current one (a newer one is kept) and the
+    /// refresher is woken; everyone then shares its one token request.
+    pub fn reject(&self, sent: &HeaderValue) -> Rejection {
+        let verdict = self
+            .breaker
+            .lock()
+            .expect("breaker lock")
+            .on_rejection(sent, Instant::now());
+        match verdict {
+            Verdict::Hold { opened: true } => {
+                tracing::error!(
+                    account = %self.name,
+                    "upstreams keep refusing fresh tokens of this account (a permission or routing problem?); passing their answers through without refreshing for a while"
                 );
-                if !warned_clock && token.clock_gap().abs() > CLOCK_WARNING_SECS {
-                    warned_clock = true;
-                    tracing::warn!(
-                        account = %account.name,
-                        gap_s = token.clock_gap(),
-                        "the token's exp disagrees with expiresInSeconds by the local clock; refreshing by the earlier of the two (is this host's clock off?)"
-                    );
-                }
-                let next = token.refresh_at();
-                account.install(token);
-                failures = 0;
-                last_kind = None;
-                account.progress.send_modify(|p| {
-                    p.fetching = false;
-                    p.failure = None;
-                    p.next_attempt = Some(next);
-                });
-                next
+                return Rejection::Held;
             }
-            Err(error) => {
-                failures = failures.saturating_add(1);
-                let delay = retry_delay(
-                    &policies.retry,
-                    error.is_permanent(),
-                    failures,
-                    rand::random::<f64>(),
-                );
-                let next = Instant::now() + delay;
-                let still_usable = account
-                    .current
-                    .load()
-                    .as_deref()
-                    .is_some_and(|t| t.is_usable_at(Instant::now()));
-                // One line per change of state, not one per try.
-                if last_kind != Some(error.kind()) {
-                    let error_chain = error_chain(&error);
-                    if error.is_permanent() {
-                        tracing::error!(account = %account.name, error = %error_chain, retry_in_s = delay.as_secs_f32(), still_usable, "token request refused");
-                    } else {
-                        tracing::warn!(account = %account.name, error = %error_chain, retry_in_s = delay.as_secs_f32(), still_usable, "token request failed");
-                    }
-                } else {
-                    tracing::debug!(account = %account.name, kind = error.kind(), failures, "token request failed again");
-                }
-                last_kind = Some(error.kind());
-                account.progress.send_modify(|p| {
-                    p.fetching = false;
-                    p.failure = Some(Arc::new(error));
-                    p.next_attempt = Some(next);
-                });
-                next
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep_until(next.into()) => {}
-            _ = shutdown.wait() => return,
+            Verdict::Hold { opened: false } => return Rejection::Held,
+            Verdict::React => {}
         }
+        let current = self.current.load();
+        if current.as_deref().is_some_and(|t| t.header() == sent) {
+            let previous = self.current.compare_and_swap(&current, None::<Arc<Token>>);
+            let dropped_it = match (previous.as_ref(), current.as_ref()) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            if dropped_it {
+                tracing::info!(
+                    account = %self.name,
+                    token = %fingerprint(sent.to_str().unwrap_or_default()),
+                    "an upstream refused the token; refreshing"
+                );
+                self.progress.send_modify(|p| p.fetching = true);
+                self.wake.rejected.store(true, Ordering::SeqCst);
+                self.wake.notify.notify_one();
+            }
+        }
+        Rejection::Refresh
     }
-}
 
-/// Renders an error with its sources, `outer: inner: innermost`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
+    /// Records the token obtained in answer to a rejection.
+    pub(super) fn record_cure(&self, header: HeaderValue) {
+        self.breaker.lock().expect("breaker lock").on_cure(header);
     }
-    text
+
+    /// Reads the secret again from its source; on a change, stores it and has the refresher
+    /// ask for a token at once (the current token stays in use until the new one arrives).
+    /// Returns whether it changed.
+    pub fn reload_secret(&self) -> Result<bool, String> {
+        let fresh = match &self.secret_source {
+            SecretSource::File(path) => read_secret_file(path)?,
+            SecretSource::Env(var) => match std::env::var(var) {
+                Ok(value) if !value.trim().is_empty() => Secret::new(value.trim()),
+                _ => return Err(format!("{var} is not set or empty")),
+            },
+            SecretSource::Inline => return Ok(false),
+        };
+        if fresh.expose() == self.secret.load().expose() {
+            return Ok(false);
+        }
+        self.secret.store(Arc::new(fresh));
+        tracing::info!(account = %self.name, "the client secret changed; requesting a token with it");
+        self.wake.secret_changed.store(true, Ordering::SeqCst);
+        self.wake.notify.notify_one();
+        Ok(true)
+    }
 }

@@ -1,11 +1,15 @@
 //! Service-account tokens: obtained from the Mosaic identity service, cached per account,
-//! refreshed ahead of expiry by one background task per account.
+//! refreshed ahead of expiry (or at once after a rejection or a secret rotation) by one
+//! background task per account.
 
 pub mod account;
+pub mod breaker;
 pub mod client;
 pub mod refresh;
+pub mod refresher;
 pub mod token;
 
-pub use account::{Account, TokenUnavailable};
+pub use account::{Account, Rejection, TokenUnavailable};
 pub use client::{Grant, IdentityClient, IdentityError};
+pub use refresher::error_chain;
 pub use token::Token;

@@ -20,6 +20,8 @@ pub enum ProxyError {
     ForeignHost,
     #[error("the request target cannot be forwarded")]
     BadTarget(#[source] http::Error),
+    #[error("the request body could not be read")]
+    ClientBody(#[source] BoxError),
     #[error("no access token is available for account {account}")]
     TokenUnavailable {
         account: String,
@@ -31,7 +33,11 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("the upstream connection failed")]
     Upstream(#[source] hyper_util::client::legacy::Error),
+    #[error("the upstream's answer broke off")]
+    UpstreamBody(#[source] BoxError),
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Who caused a failure: decides the log level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +59,7 @@ impl ProxyError {
             ),
             ProxyError::ForeignHost => (StatusCode::FORBIDDEN, "not_an_open_proxy", Fault::Client),
             ProxyError::BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target", Fault::Client),
+            ProxyError::ClientBody(_) => (StatusCode::BAD_REQUEST, "bad_body", Fault::Client),
             ProxyError::TokenUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "token_unavailable",
@@ -68,7 +75,7 @@ impl ProxyError {
                 "upstream_timeout",
                 Fault::Upstream,
             ),
-            ProxyError::Upstream(_) => {
+            ProxyError::Upstream(_) | ProxyError::UpstreamBody(_) => {
                 (StatusCode::BAD_GATEWAY, "upstream_failed", Fault::Upstream)
             }
         }

@@ -1,12 +1,16 @@
 //! The forwarding path. A request goes through named phases: request filter (refuse what
 //! this proxy never serves), pick upstream ([`route`]), token, rewrite ([`headers`]), forward
-//! ([`forward`]), response filter; [`error`] maps every failure to one status by who is at fault.
+//! ([`forward`]), response filter ([`inspect`]: a token rejection leads to one refresh and at
+//! most one replay); upgraded connections are spliced by [`upgrade`]. [`error`] maps every
+//! failure to one status by who is at fault.
 
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod inspect;
 pub mod route;
 pub mod service;
+pub mod upgrade;
 
 pub use error::ProxyError;
 pub use route::{Route, RouteTable};

@@ -11,6 +11,8 @@ pub struct Route {
     prefix: String,
     pub upstream: Upstream,
     strip_prefix: bool,
+    /// Whether a refused request may be replayed once with a fresh token.
+    pub replay: bool,
     pub account: Arc<Account>,
     /// `host/prefix`, for logs.
     pub name: String,
@@ -29,6 +31,7 @@ impl Route {
             prefix: config.path_prefix.clone(),
             upstream: config.upstream.clone(),
             strip_prefix: config.strip_prefix,
+            replay: config.replay,
             account,
             name,
         }
@@ -118,7 +121,13 @@ mod tests {
     fn table(routes: &str) -> RouteTable {
         let text = format!("[accounts.a]\nclient_id = \"a\"\nclient_secret_env = \"S\"\n{routes}");
         let config = Config::parse(&text, &|_| Some("s".into())).unwrap();
-        let account = Arc::new(Account::new("a", "a", crate::secret::Secret::new("s")));
+        let account = Arc::new(Account::new(
+            "a",
+            "a",
+            crate::secret::Secret::new("s"),
+            crate::config::SecretSource::Inline,
+            Default::default(),
+        ));
         RouteTable::new(
             config
                 .routes

@@ -3,12 +3,16 @@
 use super::error::{Fault, ProxyError};
 use super::forward::UpstreamClient;
 use super::headers::{forwarded_for, remove_hop_by_hop};
-use super::route::RouteTable;
+use super::inspect::{inspect, Inspected};
+use super::route::{Route, RouteTable};
+use super::upgrade;
+use crate::identity::Rejection;
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::upgrade::OnUpgrade;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,12 +28,21 @@ const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-f
 const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
 
-/// The state shared by every connection: routes, the upstream client and the time limits.
+/// The state shared by every connection: routes, the upstream client and the limits.
 pub struct Proxy {
     routes: RouteTable,
     client: UpstreamClient,
     upstream_timeout: Duration,
     token_wait: Duration,
+    replay_body_limit: u64,
+}
+
+/// What is kept of a request so it can be sent once more with a fresh token.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 impl Proxy {
@@ -39,12 +52,14 @@ impl Proxy {
         client: UpstreamClient,
         upstream_timeout: Duration,
         token_wait: Duration,
+        replay_body_limit: u64,
     ) -> Proxy {
         Proxy {
             routes,
             client,
             upstream_timeout,
             token_wait,
+            replay_body_limit,
         }
     }
 
@@ -61,11 +76,10 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
         match self.handle_inner(request, peer).await {
             Ok((response, route)) => {
                 tracing::debug!(
-                    http.method = %method, path, route, status = response.status().as_u16(),
+                    http.method = %method, route, status = response.status().as_u16(),
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "forwarded"
                 );
                 response
@@ -73,13 +87,13 @@ impl Proxy {
             Err(error) => {
                 let (status, code, fault) = error.classify();
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-                let chain = crate::identity::account::error_chain(&error);
+                let chain = crate::identity::error_chain(&error);
                 match fault {
                     Fault::Client => {
-                        tracing::debug!(http.method = %method, path, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
+                        tracing::debug!(http.method = %method, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
                     }
                     Fault::Upstream | Fault::Identity => {
-                        tracing::warn!(http.method = %method, path, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+                        tracing::warn!(http.method = %method, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
                     }
                 }
                 error.to_response()
@@ -109,7 +123,7 @@ impl Proxy {
             .ok_or(ProxyError::NoRoute)?;
 
         // Token: the ready-made header, or a short wait while one is being fetched.
-        let authorization = match route.account.usable_header() {
+        let sent = match route.account.usable_header() {
             Some(value) => value,
             None => route
                 .account
@@ -123,52 +137,147 @@ impl Proxy {
 
         // Rewrite.
         let (mut parts, body) = request.into_parts();
-        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let path_and_query = route.upstream_path_and_query(parts.uri.path(), parts.uri.query());
-        parts.uri = Uri::builder()
-            .scheme(route.upstream.scheme.clone())
-            .authority(route.upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(ProxyError::BadTarget)?;
-        let headers = &mut parts.headers;
-        remove_hop_by_hop(headers);
-        headers.remove(header::HOST);
-        headers.remove(header::AUTHORIZATION);
-        let xff = forwarded_for(headers.get(X_FORWARDED_FOR), peer.ip());
-        headers.insert(X_FORWARDED_FOR, xff);
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        if let Some(host) = original_host {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-        headers.insert(header::AUTHORIZATION, authorization);
-        // The upstream connection picks its own version (ALPN); hyper sets Host from the URI.
-        parts.version = Version::HTTP_11;
-        let upstream_request = Request::from_parts(parts, Either::Left(body));
+        let upgrade = upgrade::requested(&parts.headers);
+        rewrite(&mut parts, route, peer)?;
+        let client_upgrade = match upgrade {
+            Some(protocol) => {
+                upgrade::keep_upgrade_headers(&mut parts.headers, protocol);
+                parts.extensions.remove::<OnUpgrade>()
+            }
+            None => None,
+        };
+        // A small body is kept, so the request can be replayed after a token rejection.
+        let (body, replay) = if route.replay && client_upgrade.is_none() && self.fits(&body) {
+            let kept = Limited::new(body, self.replay_body_limit as usize)
+                .collect()
+                .await
+                .map_err(ProxyError::ClientBody)?
+                .to_bytes();
+            let replay = Replay {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                body: kept.clone(),
+            };
+            (Either::Right(Full::new(kept)), Some(replay))
+        } else {
+            (Either::Left(body), None)
+        };
+        parts.headers.insert(header::AUTHORIZATION, sent.clone());
 
         // Forward.
-        let response =
-            tokio::time::timeout(self.upstream_timeout, self.client.request(upstream_request))
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(self.upstream_timeout))?
-                .map_err(|e| {
-                    if e.is_connect() {
-                        ProxyError::UpstreamConnect(e)
-                    } else {
-                        ProxyError::Upstream(e)
-                    }
-                })?;
+        let response = self.forward(Request::from_parts(parts, body)).await?;
+        if let Some(client) = client_upgrade {
+            let response = upgrade::tunnel(response, client, route.account.clone(), sent);
+            return Ok((response, &route.name));
+        }
 
         // Response filter.
-        let (mut parts, body) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        Ok((Response::from_parts(parts, Either::Left(body)), &route.name))
+        let response = match inspect(response).await? {
+            Inspected::Pass(response) => response,
+            Inspected::Rejected(original) => {
+                self.after_rejection(route, sent, original, replay).await?
+            }
+        };
+        Ok((response, &route.name))
     }
+
+    /// Tells whether a request body is small enough to keep for a replay.
+    fn fits(&self, body: &Incoming) -> bool {
+        body.is_end_stream()
+            || body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= self.replay_body_limit)
+    }
+
+    /// Sends a request upstream and waits, bounded, for the response head.
+    async fn forward(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        tokio::time::timeout(self.upstream_timeout, self.client.request(request))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(self.upstream_timeout))?
+            .map_err(|e| {
+                if e.is_connect() {
+                    ProxyError::UpstreamConnect(e)
+                } else {
+                    ProxyError::Upstream(e)
+                }
+            })
+    }
+
+    /// After an upstream refused the token `sent`: one shared refresh, then at most one
+    /// replay with the new token; otherwise the upstream's answer, untouched.
+    async fn after_rejection(
+        &self,
+        route: &Route,
+        sent: HeaderValue,
+        original: Response<ProxyBody>,
+        replay: Option<Replay>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let account = &route.account;
+        if account.reject(&sent) == Rejection::Held {
+            return Ok(original);
+        }
+        let Some(replay) = replay else {
+            return Ok(original);
+        };
+        let fresh = match account.header_or_wait(self.token_wait).await {
+            Ok(fresh) if fresh != sent => fresh,
+            _ => return Ok(original),
+        };
+        drop(original);
+        let mut request = Request::new(Either::Right(Full::new(replay.body)));
+        *request.method_mut() = replay.method;
+        *request.uri_mut() = replay.uri;
+        *request.headers_mut() = replay.headers;
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, fresh.clone());
+        tracing::debug!(route = %route.name, "replaying a refused request with a fresh token");
+        match inspect(self.forward(request).await?).await? {
+            Inspected::Pass(response) => Ok(response),
+            Inspected::Rejected(response) => {
+                // Never a second replay; the breaker counts a fresh token refused.
+                account.reject(&fresh);
+                Ok(response)
+            }
+        }
+    }
+}
+
+/// Rewrites the request head for the upstream: target, hop-by-hop and credential headers
+/// removed, `X-Forwarded-*` set. The token is inserted by the caller.
+fn rewrite(
+    parts: &mut http::request::Parts,
+    route: &Route,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let path_and_query = route.upstream_path_and_query(parts.uri.path(), parts.uri.query());
+    parts.uri = Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(ProxyError::BadTarget)?;
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    let xff = forwarded_for(headers.get(X_FORWARDED_FOR), peer.ip());
+    headers.insert(X_FORWARDED_FOR, xff);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = original_host {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    // The upstream connection picks its own version (ALPN); hyper sets Host from the URI.
+    parts.version = Version::HTTP_11;
+    Ok(())
 }
 
 /// The host a request is for: the URI's authority (absolute form, HTTP/2) or `Host`.

@@ -9,11 +9,11 @@ use crate::jwt;
 use crate::mosaic::{self, ErrorCode};
 use crate::server::serve;
 use crate::shutdown::Shutdown;
-use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,10 @@ struct Counters {
 
 struct State {
     identity_origin: String,
+    /// `Authorization` values refused as expired, whatever their `exp` says.
+    revoked: Mutex<HashSet<HeaderValue>>,
+    /// A code every request is refused with, valid token or not.
+    refuse_all: Mutex<Option<ErrorCode>>,
     http: reqwest::Client,
     keys: Mutex<HashMap<String, (VerifyingKey, Instant)>>,
     counters: Counters,
@@ -79,6 +83,20 @@ impl UpstreamHandle {
     pub fn last(&self) -> Option<Seen> {
         self.0.last.lock().expect("last lock").clone()
     }
+
+    /// Refuses the token of this `Authorization` value from now on, as expired.
+    pub fn revoke(&self, authorization: HeaderValue) {
+        self.0
+            .revoked
+            .lock()
+            .expect("revoked lock")
+            .insert(authorization);
+    }
+
+    /// Refuses every request with `code` (a rejection no fresh token cures), or stops.
+    pub fn refuse_all(&self, code: Option<ErrorCode>) {
+        *self.0.refuse_all.lock().expect("refuse lock") = code;
+    }
 }
 
 /// A bound Mosaic stand-in, not yet serving.
@@ -101,6 +119,8 @@ impl MosaicUpstream {
             listener,
             state: Arc::new(State {
                 identity_origin: identity_origin.trim_end_matches('/').to_owned(),
+                revoked: Mutex::default(),
+                refuse_all: Mutex::default(),
                 http,
                 keys: Mutex::default(),
                 counters: Counters::default(),
@@ -140,7 +160,10 @@ impl MosaicUpstream {
     }
 }
 
-async fn answer(state: &State, request: Request<Incoming>) -> Result<Response<StubBody>, BoxError> {
+async fn answer(
+    state: &State,
+    mut request: Request<Incoming>,
+) -> Result<Response<StubBody>, BoxError> {
     let c = &state.counters;
     c.requests.fetch_add(1, Ordering::SeqCst);
     let query = request.uri().query().map(str::to_owned);
@@ -159,9 +182,15 @@ async fn answer(state: &State, request: Request<Incoming>) -> Result<Response<St
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .filter(|t| !t.is_empty() && !t.contains(' '));
-    let verdict = match token {
-        None => Err(ErrorCode::AccessTokenRequired),
-        Some(token) => verify(state, token).await,
+    let refuse_all = state.refuse_all.lock().expect("refuse lock").clone();
+    let revoked = header_value
+        .as_ref()
+        .is_some_and(|v| state.revoked.lock().expect("revoked lock").contains(v));
+    let verdict = match (token, refuse_all) {
+        (_, Some(code)) => Err(code),
+        (None, None) => Err(ErrorCode::AccessTokenRequired),
+        (Some(_), None) if revoked => Err(ErrorCode::AccessTokenExpired),
+        (Some(token), None) => verify(state, token).await,
     };
     let seen = Seen {
         method: request.method().clone(),
@@ -171,6 +200,9 @@ async fn answer(state: &State, request: Request<Incoming>) -> Result<Response<St
         verdict: verdict.clone(),
     };
     *state.last.lock().expect("last lock") = Some(seen.clone());
+    if seen.path.ends_with("/ws") {
+        return Ok(websocket(&mut request, verdict));
+    }
     let claims = match verdict {
         Ok(claims) => {
             c.accepted.fetch_add(1, Ordering::SeqCst);
@@ -194,6 +226,18 @@ async fn answer(state: &State, request: Request<Incoming>) -> Result<Response<St
             ));
         }
     };
+    if seen.path.ends_with("/forbidden") {
+        // A valid token without the permission: Mosaic's USER_NOT_AUTHORIZED.
+        return Ok(json(
+            StatusCode::OK,
+            mosaic::error_body(
+                &ErrorCode::UserNotAuthorized,
+                "User is not authorized to access the operation.",
+                None,
+                "forbidden",
+            ),
+        ));
+    }
     if seen.path.ends_with("/echo") {
         // Stream the request body straight back.
         let body = request.into_body().map_err(BoxError::from).boxed();
@@ -230,6 +274,59 @@ async fn answer(state: &State, request: Request<Incoming>) -> Result<Response<St
         "request": {"method": seen.method.as_str(), "path": seen.path, "query": seen.query, "headers": headers},
     });
     Ok(json(StatusCode::OK, body.to_string()))
+}
+
+/// Accepts a WebSocket upgrade like a Mosaic subscription endpoint: with a valid token it
+/// sends one text frame with the account's name and closes normally; with an expired one it
+/// closes with 4403, and with any other token problem with 4401.
+fn websocket(
+    request: &mut Request<Incoming>,
+    verdict: Result<Value, ErrorCode>,
+) -> Response<StubBody> {
+    const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"not a WebSocket handshake"}"#,
+        );
+    };
+    let mut accept_input = key.as_bytes().to_vec();
+    accept_input.extend_from_slice(GUID.as_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &accept_input);
+    let accept = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    };
+    let frames: Vec<u8> = match verdict {
+        Ok(claims) => {
+            let text = format!("hello {}", claims["name"].as_str().unwrap_or_default());
+            let mut f = vec![0x81, text.len() as u8];
+            f.extend_from_slice(text.as_bytes());
+            f.extend_from_slice(&[0x88, 0x02, 0x03, 0xe8]);
+            f
+        }
+        Err(ErrorCode::AccessTokenExpired) => vec![0x88, 0x02, 0x11, 0x33],
+        Err(_) => vec![0x88, 0x02, 0x11, 0x31],
+    };
+    let on_upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            use tokio::io::AsyncWriteExt;
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let _ = io.write_all(&frames).await;
+            let _ = io.shutdown().await;
+        }
+    });
+    let mut response = Response::new(super::full(""));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(
+        "sec-websocket-accept",
+        HeaderValue::from_str(&accept).expect("base64 is a header value"),
+    );
+    response
 }
 
 async fn verify(state: &State, token: &str) -> Result<Value, ErrorCode> {

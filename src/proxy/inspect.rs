@@ -1,0 +1,65 @@
+//! Telling a token rejection from any other answer, the Mosaic way (HTTP 200 with a GraphQL
+//! error code) and the plain way (HTTP 401), without touching answers that cannot be one.
+
+use super::error::ProxyError;
+use super::service::ProxyBody;
+use crate::mosaic;
+use http::{header, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+/// The largest answer read to look for a rejection; Mosaic's error replies are far smaller.
+pub const INSPECT_LIMIT: u64 = 16 * 1024;
+
+/// An upstream answer, judged.
+pub enum Inspected {
+    /// Not a rejection: pass it on.
+    Pass(Response<ProxyBody>),
+    /// The upstream refused the token; the answer is kept untouched.
+    Rejected(Response<ProxyBody>),
+}
+
+/// Judges an answer. Only a small, uncompressed JSON answer with status 200 is read (and then
+/// passed on from memory); every other answer streams through untouched.
+pub async fn inspect(response: Response<Incoming>) -> Result<Inspected, ProxyError> {
+    if response.status() == StatusCode::UNAUTHORIZED {
+        return Ok(Inspected::Rejected(response.map(Either::Left)));
+    }
+    if !may_be_rejection(&response) {
+        return Ok(Inspected::Pass(response.map(Either::Left)));
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = Limited::new(body, INSPECT_LIMIT as usize)
+        .collect()
+        .await
+        .map_err(ProxyError::UpstreamBody)?
+        .to_bytes();
+    let rejected = mosaic::token_rejection(&bytes).is_some();
+    let response = Response::from_parts(parts, Either::Right(Full::new(bytes)));
+    Ok(if rejected {
+        Inspected::Rejected(response)
+    } else {
+        Inspected::Pass(response)
+    })
+}
+
+fn may_be_rejection(response: &Response<Incoming>) -> bool {
+    let headers = response.headers();
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.trim_start();
+            ct.starts_with("application/json")
+                || ct.starts_with("application/graphql-response+json")
+        });
+    let small = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= INSPECT_LIMIT);
+    response.status() == StatusCode::OK
+        && json
+        && small
+        && !headers.contains_key(header::CONTENT_ENCODING)
+}
