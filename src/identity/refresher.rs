@@ -37,6 +37,9 @@ pub async fn keep_fresh(
     let mut warned_same = false;
     // The last token obtained, even if a rejection has since dropped it from the cache.
     let mut last_header: Option<http::HeaderValue> = None;
+    // Backing off because the last answer repeated the token: a rejection of that token
+    // does not cut the wait short (it would only get the same token again).
+    let mut repeating;
     loop {
         let rejected = account.wake.rejected.swap(false, Ordering::SeqCst);
         account.wake.secret_changed.store(false, Ordering::SeqCst);
@@ -53,6 +56,7 @@ pub async fn keep_fresh(
                 let same = last_header.as_ref() == Some(token.header());
                 last_header = Some(token.header().clone());
                 let mut next = token.refresh_at();
+                repeating = same;
                 if same {
                     // The identity service handed out the token it gave before: asking
                     // again at once would get it again. Back off instead.
@@ -96,6 +100,7 @@ pub async fn keep_fresh(
                 next
             }
             Err(error) => {
+                repeating = false;
                 failures = failures.saturating_add(1);
                 let delay = retry_delay(
                     &policies.retry,
@@ -131,8 +136,8 @@ pub async fn keep_fresh(
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => break,
                 _ = account.wake.notify.notified() => {
-                    if account.wake.rejected.load(Ordering::SeqCst)
-                        || account.wake.secret_changed.load(Ordering::SeqCst)
+                    if account.wake.secret_changed.load(Ordering::SeqCst)
+                        || (account.wake.rejected.load(Ordering::SeqCst) && !repeating)
                     {
                         break;
                     }

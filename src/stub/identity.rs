@@ -103,6 +103,8 @@ pub enum Fault {
     NullPayload,
     /// Answer 200 with a body of a mebibyte.
     Huge,
+    /// Answer with the token issued last, again.
+    SameToken,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +120,7 @@ struct State {
     faults: Mutex<Faults>,
     token_requests: AtomicU64,
     tokens_issued: AtomicU64,
+    last_reply: Mutex<Option<String>>,
     origin: String,
 }
 
@@ -200,6 +203,7 @@ impl IdentityStub {
                 faults: Mutex::default(),
                 token_requests: AtomicU64::new(0),
                 tokens_issued: AtomicU64::new(0),
+                last_reply: Mutex::default(),
                 origin,
             }),
         })
@@ -302,6 +306,11 @@ async fn token_endpoint(
                 r#"{"data":{"authenticateServiceAccount":null}}"#,
             ))
         }
+        Some(Fault::SameToken) => {
+            if let Some(reply) = state.last_reply.lock().expect("reply lock").clone() {
+                return Ok(json(StatusCode::OK, reply));
+            }
+        }
         Some(Fault::Huge) => {
             let filler = " ".repeat(1024 * 1024);
             return Ok(json(StatusCode::OK, format!("{{{filler}}}")));
@@ -374,17 +383,18 @@ fn login(state: &State, body: &Bytes) -> Response<StubBody> {
         "name": account.name,
         "subjectType": "ServiceAccount",
         "permissions": account.permissions,
+        // Not a Mosaic claim; it keeps two tokens issued in the same second apart.
+        "jti": format!("{:016x}", rand::random::<u64>()),
     });
     let token = state.key.sign(&claims);
     state.tokens_issued.fetch_add(1, Ordering::SeqCst);
-    json(
-        StatusCode::OK,
-        json!({"data": {"authenticateServiceAccount": {
-            "accessToken": token,
-            "expiresInSeconds": lifetime,
-            "tokenType": "Bearer",
-            "__typename": "AuthenticateServiceAccountPayload"
-        }}})
-        .to_string(),
-    )
+    let reply = json!({"data": {"authenticateServiceAccount": {
+        "accessToken": token,
+        "expiresInSeconds": lifetime,
+        "tokenType": "Bearer",
+        "__typename": "AuthenticateServiceAccountPayload"
+    }}})
+    .to_string();
+    *state.last_reply.lock().expect("reply lock") = Some(reply.clone());
+    json(StatusCode::OK, reply)
 }

@@ -209,6 +209,8 @@ async fn answer(
             claims
         }
         Err(code) => {
+            // Like a Node service, read the whole body before answering.
+            drain(request.into_body()).await;
             let counter = if code == ErrorCode::AccessTokenExpired {
                 &c.expired
             } else {
@@ -226,6 +228,12 @@ async fn answer(
             ));
         }
     };
+    if seen.path.ends_with("/echo") {
+        // Stream the request body straight back.
+        let body = request.into_body().map_err(BoxError::from).boxed();
+        return Ok(Response::new(body));
+    }
+    drain(request.into_body()).await;
     if seen.path.ends_with("/forbidden") {
         // A valid token without the permission: Mosaic's USER_NOT_AUTHORIZED.
         return Ok(json(
@@ -237,11 +245,6 @@ async fn answer(
                 "forbidden",
             ),
         ));
-    }
-    if seen.path.ends_with("/echo") {
-        // Stream the request body straight back.
-        let body = request.into_body().map_err(BoxError::from).boxed();
-        return Ok(Response::new(body));
     }
     if seen.path.ends_with("/bytes") {
         let n = seen
@@ -274,6 +277,11 @@ async fn answer(
         "request": {"method": seen.method.as_str(), "path": seen.path, "query": seen.query, "headers": headers},
     });
     Ok(json(StatusCode::OK, body.to_string()))
+}
+
+/// Reads a body to its end, keeping nothing.
+async fn drain(mut body: Incoming) {
+    while let Some(Ok(_)) = body.frame().await {}
 }
 
 /// Accepts a WebSocket upgrade like a Mosaic subscription endpoint: with a valid token it

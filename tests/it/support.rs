@@ -229,3 +229,71 @@ pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Steady traffic from a few workers until stopped; every answer that is not a 200 carrying
+/// GraphQL data counts as a failure (Mosaic reports a refused token as 200 with errors).
+pub struct Traffic {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<std::sync::atomic::AtomicU64>,
+    sample: Arc<std::sync::Mutex<Option<String>>>,
+    workers: tokio::task::JoinSet<()>,
+}
+
+/// The most a worker sends, so traffic stops by itself even if a test forgets to.
+const TRAFFIC_CAP: u64 = 2_000_000;
+
+/// Starts `workers` loops of GET `url`.
+pub fn traffic(url: String, workers: usize) -> Traffic {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let sample = Arc::new(std::sync::Mutex::new(None));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (client, url) = (client(), url.clone());
+        let (stop, done, failures, sample) =
+            (stop.clone(), done.clone(), failures.clone(), sample.clone());
+        set.spawn(async move {
+            for _ in 0..TRAFFIC_CAP {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let reply = send(&client, Request::get(&url).body(empty()).unwrap()).await;
+                let ok = reply.status == StatusCode::OK
+                    && serde_json::from_slice::<serde_json::Value>(&reply.body)
+                        .map(|v| v["data"].is_object() && v.get("errors").is_none())
+                        .unwrap_or(false);
+                if !ok {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    let text = format!("{} {}", reply.status, String::from_utf8_lossy(&reply.body));
+                    sample.lock().unwrap().get_or_insert(text);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    Traffic {
+        stop,
+        done,
+        failures,
+        sample,
+        workers: set,
+    }
+}
+
+impl Traffic {
+    /// Stops the workers; returns (requests, failures, the first failure's answer).
+    pub async fn stop(mut self) -> (u64, u64, Option<String>) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::SeqCst);
+        while self.workers.join_next().await.is_some() {}
+        let sample = self.sample.lock().unwrap().take();
+        (
+            self.done.load(Ordering::SeqCst),
+            self.failures.load(Ordering::SeqCst),
+            sample,
+        )
+    }
+}

@@ -1,0 +1,230 @@
+//! Upstream token rejections: one shared refresh, at most one replay, never a loop.
+
+use crate::support::*;
+use http::{header, Request, StatusCode};
+use http_body_util::BodyExt;
+use mosaic_auth_proxy::mosaic::ErrorCode;
+use mosaic_auth_proxy::stub::body::PatternBody;
+use mosaic_auth_proxy::stub::{Fault, StubSettings};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends one request and returns the token the upstream saw with it.
+async fn current_token(h: &Harness) -> http::HeaderValue {
+    assert_eq!(get(&h.proxy.url("/whoami")).await.status, StatusCode::OK);
+    h.stubs.upstream.last().unwrap().headers[header::AUTHORIZATION].clone()
+}
+
+#[tokio::test]
+async fn an_expired_token_refused_once_costs_one_refresh_and_one_replay_even_for_100_requests() {
+    let h = harness(StubSettings::default()).await;
+    let token = current_token(&h).await;
+    h.stubs.upstream.revoke(token.clone());
+    let client = client();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let client = client.clone();
+        let url = h.proxy.url(&format!("/whoami?i={i}"));
+        requests
+            .spawn(async move { send(&client, Request::get(url).body(empty()).unwrap()).await });
+    }
+    while let Some(reply) = requests.join_next().await {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(
+            reply.json()["data"]["whoami"].is_object(),
+            "{:?}",
+            reply.body
+        );
+    }
+    assert_eq!(h.stubs.upstream.expired(), 100);
+    assert_eq!(h.stubs.upstream.requests(), 1 + 200);
+    assert_eq!(h.stubs.identity.token_requests(), 2);
+    let after = current_token(&h).await;
+    assert_ne!(after, token);
+}
+
+#[tokio::test]
+async fn user_not_authorized_passes_through_untouched_with_no_refresh_and_no_replay() {
+    let h = harness(StubSettings::default()).await;
+    let reply = get(&h.proxy.url("/media/forbidden")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["errors"][0]["code"], "USER_NOT_AUTHORIZED");
+    assert_eq!(h.stubs.upstream.requests(), 1);
+    assert_eq!(h.stubs.identity.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn an_http_401_is_a_rejection_too() {
+    // A plain upstream that answers 401 to the first request and 200 after.
+    let h = harness(StubSettings::default()).await;
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen_in = seen.clone();
+    let (_trigger, signal) = mosaic_auth_proxy::shutdown::channel();
+    tokio::spawn(mosaic_auth_proxy::server::serve(
+        listener,
+        move |_| {
+            let seen = seen_in.clone();
+            hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let mut r = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"{}"),
+                    ));
+                    if n == 0 {
+                        *r.status_mut() = StatusCode::UNAUTHORIZED;
+                    }
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            })
+        },
+        signal,
+        Duration::from_secs(1),
+    ));
+    let text = h.stubs.config("", &format!("[[routes]]\npath_prefix = \"/plain\"\nupstream = \"http://{addr}\"\naccount = \"main\"\n"));
+    let proxy = TestProxy::start(&text).await.ready().await;
+    let before = h.stubs.identity.token_requests();
+    let reply = get(&proxy.url("/plain/x")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(h.stubs.identity.token_requests(), before + 1);
+}
+
+#[tokio::test]
+async fn a_rejection_no_fresh_token_cures_costs_a_bounded_number_of_refreshes_then_the_breaker_holds(
+) {
+    let h = harness(StubSettings::default()).await;
+    h.stubs
+        .upstream
+        .refuse_all(Some(ErrorCode::SigningKeyNotFound));
+    for _ in 0..10 {
+        let reply = get(&h.proxy.url("/whoami")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["errors"][0]["code"], "SIGNING_KEY_NOT_FOUND");
+    }
+    let (tokens, upstream) = (
+        h.stubs.identity.token_requests(),
+        h.stubs.upstream.requests(),
+    );
+    assert!(tokens <= 5, "{tokens} token requests");
+    assert!(upstream <= 14, "{upstream} upstream requests");
+    // The breaker holds: rejections now pass straight through.
+    for _ in 0..10 {
+        get(&h.proxy.url("/whoami")).await;
+    }
+    assert_eq!(h.stubs.identity.token_requests(), tokens);
+    assert_eq!(h.stubs.upstream.requests(), upstream + 10);
+}
+
+#[tokio::test]
+async fn a_request_too_large_to_replay_gets_the_upstream_answer_and_the_next_request_a_new_token() {
+    let h = harness(StubSettings::default()).await;
+    let token = current_token(&h).await;
+    h.stubs.upstream.revoke(token.clone());
+    let upload = PatternBody::new(1024 * 1024)
+        .map_err(|never| match never {})
+        .boxed();
+    let request = Request::post(h.proxy.url("/graphql")).body(upload).unwrap();
+    let reply = send(&client(), request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["errors"][0]["code"], "ACCESS_TOKEN_EXPIRED");
+    assert_eq!(
+        h.stubs.upstream.requests(),
+        2,
+        "the large request was replayed"
+    );
+    let reply = get(&h.proxy.url("/whoami")).await;
+    assert!(reply.json()["data"]["whoami"].is_object());
+    assert_ne!(
+        h.stubs.upstream.last().unwrap().headers[header::AUTHORIZATION],
+        token
+    );
+    assert_eq!(h.stubs.identity.token_requests(), 2);
+}
+
+#[tokio::test]
+async fn a_route_that_forbids_replay_passes_the_rejection_through_and_refreshes() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy = TestProxy::start(&stubs.config("", "replay = false"))
+        .await
+        .ready()
+        .await;
+    assert_eq!(get(&proxy.url("/a")).await.status, StatusCode::OK);
+    stubs
+        .upstream
+        .revoke(stubs.upstream.last().unwrap().headers[header::AUTHORIZATION].clone());
+    let reply = get(&proxy.url("/b")).await;
+    assert_eq!(reply.json()["errors"][0]["code"], "ACCESS_TOKEN_EXPIRED");
+    let reply = get(&proxy.url("/c")).await;
+    assert!(reply.json()["data"]["whoami"].is_object());
+    assert_eq!(stubs.upstream.requests(), 3);
+}
+
+#[tokio::test]
+async fn a_refresh_that_returns_the_same_token_is_not_replayed_and_backs_off() {
+    let h = harness(StubSettings::default()).await;
+    let token = current_token(&h).await;
+    h.stubs.upstream.revoke(token.clone());
+    h.stubs.identity.set_fault(Some(Fault::SameToken));
+    for _ in 0..5 {
+        let reply = get(&h.proxy.url("/whoami")).await;
+        assert_eq!(reply.json()["errors"][0]["code"], "ACCESS_TOKEN_EXPIRED");
+    }
+    // The breaker sees the same token refused again and again: asking stops.
+    let tokens = h.stubs.identity.token_requests();
+    assert!(tokens <= 5, "{tokens} token requests");
+    h.stubs.identity.set_fault(None);
+}
+
+async fn websocket(proxy: &TestProxy) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = "GET /graphql/ws HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut all))
+        .await
+        .expect("the upstream closes the socket")
+        .unwrap();
+    all
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn a_websocket_closed_with_4403_brings_a_fresh_token_for_the_reconnect() {
+    let h = harness(StubSettings::default()).await;
+    let answer = websocket(&h.proxy).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(contains(
+        &answer,
+        b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    ));
+    assert!(contains(&answer, b"hello demo-client"));
+
+    let token = current_token(&h).await;
+    h.stubs.upstream.revoke(token.clone());
+    let answer = websocket(&h.proxy).await;
+    assert!(
+        contains(&answer, &[0x88, 0x02, 0x11, 0x33]),
+        "no close 4403"
+    );
+    let refreshed = eventually(Duration::from_secs(5), async || {
+        h.stubs.identity.token_requests() == 2
+    })
+    .await;
+    assert!(refreshed, "the close did not bring a refresh");
+    let answer = websocket(&h.proxy).await;
+    assert!(
+        contains(&answer, b"hello demo-client"),
+        "the reconnect failed"
+    );
+}
