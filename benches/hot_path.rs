@@ -86,20 +86,35 @@ fn token_and_rewrite(c: &mut Criterion) {
 }
 
 /// A minimal upstream, so the round trip measures the proxy and not the stand-in's RSA check.
+/// Paths under `/graphql` answer a small GraphQL JSON reply (which the proxy inspects for a
+/// token rejection); others answer 1 KiB of `application/octet-stream` (which it does not).
 async fn plain_upstream(signal: Shutdown) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let body = Bytes::from(vec![b'x'; 1024]);
+    let bytes = Bytes::from(vec![b'x'; 1024]);
+    let graphql = Bytes::from(format!(
+        "{{\"data\":{{\"media\":{{\"title\":\"{}\"}}}}}}",
+        "t".repeat(1000)
+    ));
     tokio::spawn(mosaic_auth_proxy::server::serve(
         listener,
         move |_| {
-            let body = body.clone();
+            let (bytes, graphql) = (bytes.clone(), graphql.clone());
             hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let body = body.clone();
+                let json = request.uri().path().starts_with("/graphql");
+                let (body, content_type) = if json {
+                    (graphql.clone(), "application/json")
+                } else {
+                    (bytes.clone(), "application/octet-stream")
+                };
                 async move {
                     // Drain the request so the connection stays reusable.
                     let _ = request.into_body().collect().await;
-                    Ok::<_, Infallible>(Response::new(Full::new(body)))
+                    let mut response = Response::new(Full::new(body));
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                    Ok::<_, Infallible>(response)
                 }
             })
         },
@@ -143,11 +158,17 @@ fn round_trips(c: &mut Criterion) {
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let mut group = c.benchmark_group("round_trip");
     group.throughput(Throughput::Elements(1));
-    for (name, addr) in [
-        ("direct_h1_keepalive_1kb", upstream_addr),
-        ("forward_h1_keepalive_1kb", proxy_addr),
+    for (name, addr, path) in [
+        ("direct_h1_keepalive_1kb", upstream_addr, "/bytes"),
+        ("forward_h1_keepalive_1kb", proxy_addr, "/bytes"),
+        ("direct_h1_keepalive_graphql_1kb", upstream_addr, "/graphql"),
+        (
+            "forward_h1_keepalive_graphql_1kb_inspected",
+            proxy_addr,
+            "/graphql",
+        ),
     ] {
-        let uri: http::Uri = format!("http://{addr}/graphql").parse().unwrap();
+        let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
         group.bench_function(name, |b| {
             b.to_async(&rt).iter(|| async {
                 let response = client.get(uri.clone()).await.unwrap();

@@ -57,7 +57,7 @@ pub struct App {
 impl App {
     /// Binds the listeners (port 0 picks a free port) and builds the proxy from `config`.
     pub async fn bind(config: Config) -> Result<App, StartError> {
-        let tls = client_config(config.tls.native_roots)?;
+        let tls = client_config(config.tls.native_roots, config.tls.ca_file.as_deref())?;
         let identity = IdentityClient::new(
             &config.identity.origin,
             config.identity.timeout,

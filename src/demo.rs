@@ -99,7 +99,9 @@ pub async fn run(
     println!("GET {url}");
     println!("    sent with \"Authorization: Bearer client-supplied\"; the proxy replaces both");
     let reply = reqwest::Client::builder()
-        .tls_backend_preconfigured(crate::tls::client_config(false).map_err(StartError::from)?)
+        .tls_backend_preconfigured(
+            crate::tls::client_config(false, None).map_err(StartError::from)?,
+        )
         .build()
         .map_err(DemoError::Request)?
         .get(&url)

@@ -3,6 +3,9 @@
 
 use rustls::crypto::ring;
 use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Why the TLS configuration cannot be built.
@@ -12,13 +15,38 @@ pub enum TlsError {
     Versions(#[source] rustls::Error),
     #[error("tls.native_roots is set, but the system has no usable root certificates")]
     NoNativeRoots,
+    #[error("tls.ca_file {path}: {problem}")]
+    CaFile { path: String, problem: String },
 }
 
-/// Builds a client configuration trusting the bundled web PKI roots and, if `native_roots`,
-/// the operating system's roots too.
-pub fn client_config(native_roots: bool) -> Result<ClientConfig, TlsError> {
+/// Reads every certificate of a PEM file.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("is not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(certs)
+}
+
+/// Builds a client configuration trusting the bundled web PKI roots, the certificates of
+/// `ca_file` and, if `native_roots`, the operating system's roots.
+pub fn client_config(native_roots: bool, ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let problem = |problem: String| TlsError::CaFile {
+            path: path.display().to_string(),
+            problem,
+        };
+        for cert in read_ca_file(path).map_err(problem)? {
+            roots
+                .add(cert)
+                .map_err(|e| problem(format!("holds a certificate rustls refuses: {e}")))?;
+        }
+    }
     if native_roots {
         let found = rustls_native_certs::load_native_certs();
         for error in &found.errors {

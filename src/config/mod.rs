@@ -110,6 +110,8 @@ pub struct IdentityConfig {
 pub struct TlsConfig {
     /// Trust the operating system's roots in addition to the bundled web PKI roots.
     pub native_roots: bool,
+    /// A PEM bundle of further CA certificates to trust (a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One named service account of `[accounts.NAME]`.
@@ -407,9 +409,20 @@ fn parse_identity(
 }
 
 fn parse_tls(table: &toml::Table, errors: &mut Vec<ConfigError>) -> TlsConfig {
-    let mut s = Section::new("tls", table, &["native_roots"]);
+    let mut s = Section::new("tls", table, &["native_roots", "ca_file"]);
+    let ca_file = s.string("ca_file").map(PathBuf::from);
+    if let Some(path) = &ca_file {
+        if let Err(problem) = crate::tls::read_ca_file(path) {
+            s.error(
+                "ca_file",
+                format!("names {}, which {problem}", path.display()),
+                "point it at a PEM file of CA certificates",
+            );
+        }
+    }
     let config = TlsConfig {
         native_roots: s.bool("native_roots", false),
+        ca_file,
     };
     errors.extend(s.errors);
     config

@@ -109,7 +109,7 @@ impl MosaicUpstream {
     /// Binds `addr`; tokens are checked against the JWKS of the identity service at `identity_origin`.
     pub async fn bind(addr: SocketAddr, identity_origin: &str) -> std::io::Result<MosaicUpstream> {
         let listener = TcpListener::bind(addr).await?;
-        let tls = crate::tls::client_config(false).map_err(std::io::Error::other)?;
+        let tls = crate::tls::client_config(false, None).map_err(std::io::Error::other)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(Duration::from_secs(5))

@@ -186,3 +186,9 @@ fn a_path_on_the_identity_origin_is_dropped_with_a_warning() {
     assert_eq!(config.identity.origin, "https://id.example");
     assert!(config.warnings[0].contains("identity.origin"));
 }
+
+#[test]
+fn a_ca_file_that_holds_no_certificate_is_named() {
+    let text = format!("[tls]\nca_file = \"/nonexistent/ca.pem\"\n{VALID}");
+    assert_eq!(keys(&text), ["tls.ca_file"]);
+}
