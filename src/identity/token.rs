@@ -106,3 +106,63 @@ impl std::fmt::Debug for Token {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::b64;
+    use crate::secret::Secret;
+
+    fn jwt_expiring_in(secs: f64) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let claims = serde_json::json!({"exp": now + secs});
+        format!(
+            "{}.{}.{}",
+            b64(br#"{"alg":"RS256","kid":"k"}"#),
+            b64(claims.to_string().as_bytes()),
+            b64(b"sig")
+        )
+    }
+
+    fn token(jwt: &str, lifetime_secs: u64) -> Result<Token, IdentityError> {
+        let grant = Grant {
+            access_token: Secret::new(jwt),
+            lifetime: Duration::from_secs(lifetime_secs),
+            sent_at: Instant::now(),
+        };
+        Token::new(grant, &RefreshPolicy::default(), 0.0)
+    }
+
+    #[test]
+    fn an_exp_earlier_than_expires_in_seconds_wins() {
+        let t = token(&jwt_expiring_in(1000.0), 3600).unwrap();
+        assert!(t.lifetime() <= Duration::from_secs(1000));
+        assert!(t.lifetime() > Duration::from_secs(998));
+        assert!(t.clock_gap() < -2500.0);
+    }
+
+    #[test]
+    fn an_exp_later_than_expires_in_seconds_is_ignored() {
+        let t = token(&jwt_expiring_in(7200.0), 3600).unwrap();
+        assert_eq!(t.lifetime(), Duration::from_secs(3600));
+        assert!(t.clock_gap() > 3500.0);
+    }
+
+    #[test]
+    fn a_token_already_expired_by_its_exp_is_refused() {
+        let err = token(&jwt_expiring_in(-5.0), 3600).unwrap_err();
+        assert_eq!(err.kind(), "expired_on_arrival");
+    }
+
+    #[test]
+    fn the_header_is_bearer_and_sensitive() {
+        let jwt = jwt_expiring_in(100.0);
+        let t = token(&jwt, 100).unwrap();
+        assert_eq!(t.header().to_str().unwrap(), format!("Bearer {jwt}"));
+        assert!(t.header().is_sensitive());
+        assert!(!format!("{t:?}").contains(&jwt));
+    }
+}

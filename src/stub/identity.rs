@@ -4,7 +4,6 @@
 use super::keys::SigningKey;
 use super::{full, json, StubBody};
 use crate::mosaic::{self, ErrorCode};
-use crate::server::serve;
 use crate::shutdown::Shutdown;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -216,27 +215,15 @@ impl IdentityStub {
 
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
-        let state = self.state;
-        serve(
-            self.listener,
-            move |_| {
-                let state = state.clone();
-                hyper::service::service_fn(move |request| {
-                    let state = state.clone();
-                    async move { answer(&state, request).await }
-                })
-            },
-            shutdown,
-            Duration::from_secs(1),
-        )
-        .await;
+        super::serve_stand_in(self.listener, self.state, answer, shutdown).await;
     }
 }
 
 async fn answer(
-    state: &State,
+    state: Arc<State>,
     request: Request<Incoming>,
 ) -> Result<Response<StubBody>, super::BoxError> {
+    let state = &*state;
     let path = request.uri().path().to_owned();
     match (request.method(), path.as_str()) {
         (&Method::GET, "/health") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)),

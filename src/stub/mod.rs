@@ -34,3 +34,30 @@ pub fn json(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> http::Re
     );
     response
 }
+
+/// Serves a stand-in: each request is answered by `answer` with the shared `state`.
+async fn serve_stand_in<S, F, Fut>(
+    listener: tokio::net::TcpListener,
+    state: std::sync::Arc<S>,
+    answer: F,
+    shutdown: crate::shutdown::Shutdown,
+) where
+    S: Send + Sync + 'static,
+    F: Fn(std::sync::Arc<S>, http::Request<hyper::body::Incoming>) -> Fut
+        + Copy
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = Result<http::Response<StubBody>, BoxError>> + Send + 'static,
+{
+    crate::server::serve(
+        listener,
+        move |_| {
+            let state = state.clone();
+            hyper::service::service_fn(move |request| answer(state.clone(), request))
+        },
+        shutdown,
+        std::time::Duration::from_secs(1),
+    )
+    .await;
+}

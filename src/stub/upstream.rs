@@ -7,7 +7,6 @@ use super::keys::VerifyingKey;
 use super::{json, BoxError, StubBody};
 use crate::jwt;
 use crate::mosaic::{self, ErrorCode};
-use crate::server::serve;
 use crate::shutdown::Shutdown;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -143,27 +142,15 @@ impl MosaicUpstream {
 
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
-        let state = self.state;
-        serve(
-            self.listener,
-            move |_| {
-                let state = state.clone();
-                hyper::service::service_fn(move |request| {
-                    let state = state.clone();
-                    async move { answer(&state, request).await }
-                })
-            },
-            shutdown,
-            Duration::from_secs(1),
-        )
-        .await;
+        super::serve_stand_in(self.listener, self.state, answer, shutdown).await;
     }
 }
 
 async fn answer(
-    state: &State,
+    state: Arc<State>,
     mut request: Request<Incoming>,
 ) -> Result<Response<StubBody>, BoxError> {
+    let state = &*state;
     let c = &state.counters;
     c.requests.fetch_add(1, Ordering::SeqCst);
     let query = request.uri().query().map(str::to_owned);

@@ -1,5 +1,8 @@
 //! The binary: exit statuses and the demo.
 
+use mosaic_auth_proxy::shutdown::ShutdownTrigger;
+use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubAccount, StubHandle, StubSettings};
+use std::io::BufRead;
 use std::process::Command;
 
 fn binary() -> Command {
@@ -121,10 +124,8 @@ fn wait_ready_exits_69_with_the_reason_when_no_token_arrives_in_time() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
 }
 
-#[tokio::test]
-async fn wait_ready_prints_ready_once_every_account_holds_a_token() {
-    use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubSettings};
-    use std::io::BufRead;
+/// Starts the identity stand-in in process.
+async fn identity_stub() -> (StubHandle, ShutdownTrigger) {
     let stub = IdentityStub::bind(
         ([127, 0, 0, 1], 0).into(),
         StubSettings::default(),
@@ -132,31 +133,84 @@ async fn wait_ready_prints_ready_once_every_account_holds_a_token() {
     )
     .await
     .unwrap();
-    let origin = stub.handle().origin().to_owned();
+    let handle = stub.handle();
     let (trigger, signal) = mosaic_auth_proxy::shutdown::channel();
     tokio::spawn(stub.run(signal));
-    let file = config_file("stub", &origin);
+    (handle, trigger)
+}
+
+/// Runs the proxy with `--wait-ready` and returns it with the first line it printed.
+async fn run_until_ready(file: &std::path::Path) -> (std::process::Child, Option<String>) {
     let mut child = binary()
         .args(["run", "--wait-ready", "10", "--config"])
-        .arg(&file)
+        .arg(file)
         .env("A_SECRET", "demo-secret")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    // Bounded by --wait-ready: the proxy prints "ready" or exits within ten seconds.
+    let line = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line =
-        tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(10)))
-            .await
-            .unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .ok()
+            .map(|_| line.trim().to_owned())
+    })
+    .await
+    .unwrap();
+    (child, line)
+}
+
+#[tokio::test]
+async fn wait_ready_prints_ready_once_every_account_holds_a_token() {
+    let (stub, trigger) = identity_stub().await;
+    let file = config_file("stub", stub.origin());
+    let (mut child, line) = run_until_ready(&file).await;
     child.kill().unwrap();
     child.wait().unwrap();
     trigger.trigger();
-    assert_eq!(line.expect("the proxy reports readiness").trim(), "ready");
+    assert_eq!(line.as_deref(), Some("ready"));
+}
+
+#[tokio::test]
+async fn sighup_reads_a_changed_secret_file_at_once() {
+    let (stub, trigger) = identity_stub().await;
+    let file = config_file("hup", stub.origin());
+    let secret = file.with_file_name("secret");
+    std::fs::write(&secret, "demo-secret").unwrap();
+    // Polling is slowed to an hour, so only the signal can explain a prompt re-read.
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(
+            "client_secret_env = \"A_SECRET\"",
+            &format!("client_secret_file = {:?}", secret.display().to_string()),
+        )
+        .replace(
+            "retry_max = \"100ms\"",
+            "retry_max = \"100ms\"\nsecret_poll = \"1h\"",
+        );
+    std::fs::write(&file, text).unwrap();
+    let (mut child, line) = run_until_ready(&file).await;
+    assert_eq!(line.as_deref(), Some("ready"));
+    stub.set_accounts(vec![StubAccount::new("demo-client", "rotated")]);
+    std::fs::write(&secret, "rotated\n").unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while stub.tokens_issued() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    trigger.trigger();
+    assert_eq!(
+        stub.tokens_issued(),
+        2,
+        "SIGHUP did not bring a token with the new secret"
+    );
 }

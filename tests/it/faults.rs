@@ -43,6 +43,15 @@ async fn refused_credentials_give_503_naming_the_code_then_recover() {
 }
 
 #[tokio::test]
+async fn a_transient_graphql_error_gives_503_naming_the_code_then_recovers() {
+    fails_clearly_then_recovers(
+        Fault::Error(ErrorCode::InternalServerError),
+        "INTERNAL_SERVER_ERROR",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn an_identity_service_answering_500_gives_503_then_recovers() {
     fails_clearly_then_recovers(Fault::Http500, "HTTP 500").await;
 }
