@@ -141,7 +141,8 @@ fn round_trips(c: &mut Criterion) {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[identity]\norigin = \"{origin}\"\n\
              [accounts.a]\nclient_id = \"demo-client\"\nclient_secret_env = \"S\"\n\
-             [[routes]]\nupstream = \"http://{upstream}\"\naccount = \"a\"\n"
+             [[routes]]\nupstream = \"http://{upstream}\"\naccount = \"a\"\n\
+             [[routes]]\npath_prefix = \"/no-replay\"\nupstream = \"http://{upstream}\"\naccount = \"a\"\nreplay = false\n"
         );
         let config = Config::parse(&text, &|_| Some("demo-secret".into())).unwrap();
         let app = App::bind(config).await.unwrap();
@@ -161,6 +162,11 @@ fn round_trips(c: &mut Criterion) {
     for (name, addr, path) in [
         ("direct_h1_keepalive_1kb", upstream_addr, "/bytes"),
         ("forward_h1_keepalive_1kb", proxy_addr, "/bytes"),
+        (
+            "forward_h1_keepalive_1kb_no_replay",
+            proxy_addr,
+            "/no-replay/bytes",
+        ),
         ("direct_h1_keepalive_graphql_1kb", upstream_addr, "/graphql"),
         (
             "forward_h1_keepalive_graphql_1kb_inspected",

@@ -6,7 +6,9 @@
 //! through [`proxy`]: it is matched to a route by host and path prefix, given the route's
 //! account's `Authorization: Bearer <jwt>` (read lock-free, never formatted per request),
 //! stripped of hop-by-hop headers and client credentials, and streamed to the upstream; the
-//! response streams back. [`app::App`] binds the listeners, then runs until shutdown.
+//! response streams back. An answer that says the token was refused (HTTP 401, or Mosaic's
+//! HTTP 200 with `ACCESS_TOKEN_EXPIRED` and kin) leads to one shared refresh and at most one
+//! replay. [`app::App`] binds the listeners, then runs until shutdown.
 //! [`stub`] holds local stand-ins for the identity service and a Mosaic service.
 #![forbid(unsafe_code)]
 

@@ -294,3 +294,39 @@ async fn the_upstream_answer_passes_through_untouched_including_mosaic_errors() 
     assert_eq!(h.stubs.upstream.last().unwrap().method, Method::PUT);
     assert!(h.stubs.upstream.last().unwrap().verdict.is_ok());
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_requests_in_flight_only_as_long_as_the_grace_period() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let silent = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let text = stubs
+        .config("", "")
+        .replace("[server]", "[server]\nshutdown_grace = \"200ms\"\nupstream_timeout = \"30s\"")
+        + &format!(
+            "[[routes]]\npath_prefix = \"/silent\"\nupstream = \"http://{silent_addr}\"\naccount = \"main\"\n"
+        );
+    let config = mosaic_auth_proxy::Config::parse(&text, &env).unwrap();
+    let app = mosaic_auth_proxy::App::bind(config).await.unwrap();
+    let url = format!("http://{}/silent/x", app.local_addr());
+    let accounts = app.accounts();
+    let (trigger, signal) = mosaic_auth_proxy::shutdown::channel();
+    let running = tokio::spawn(app.run(signal));
+    accounts[0]
+        .header_or_wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let in_flight = tokio::spawn(async move {
+        client()
+            .request(Request::get(url).body(empty()).unwrap())
+            .await
+    });
+    // The request is in flight once the silent upstream has its connection.
+    let (_held, _) = silent.accept().await.unwrap();
+    trigger.trigger();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("shutdown is bounded by the grace period")
+        .unwrap();
+    in_flight.abort();
+}
