@@ -91,6 +91,20 @@ pub fn retry_delay(policy: &RetryPolicy, permanent: bool, failures: u32, sample:
         .min(policy.max)
 }
 
+/// Shortens a transient retry delay while a token is still usable for `remaining`: never
+/// more than half of what is left, so the tries speed up as the expiry nears instead of
+/// sleeping past it; never less than half the initial delay.
+pub fn before_expiry(
+    delay: Duration,
+    remaining: Option<Duration>,
+    policy: &RetryPolicy,
+) -> Duration {
+    match remaining {
+        Some(left) if !left.is_zero() => delay.min(left / 2).max(policy.initial / 2),
+        _ => delay,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +170,21 @@ mod tests {
         );
         assert_eq!(
             retry_delay(&policy, false, 5, 0.0),
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn retries_speed_up_as_the_token_nears_its_end() {
+        let policy = RetryPolicy::default();
+        let thirty = Duration::from_secs(30);
+        assert_eq!(before_expiry(thirty, None, &policy), thirty);
+        assert_eq!(
+            before_expiry(thirty, Some(Duration::from_secs(10)), &policy),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            before_expiry(thirty, Some(Duration::from_millis(100)), &policy),
             Duration::from_millis(250)
         );
     }

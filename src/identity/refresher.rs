@@ -3,7 +3,7 @@
 
 use super::account::Account;
 use super::client::IdentityClient;
-use super::refresh::{retry_delay, RefreshPolicy, RetryPolicy};
+use super::refresh::{before_expiry, retry_delay, RefreshPolicy, RetryPolicy};
 use super::token::Token;
 use crate::shutdown::Shutdown;
 use std::sync::atomic::Ordering;
@@ -102,14 +102,24 @@ pub async fn keep_fresh(
             Err(error) => {
                 repeating = false;
                 failures = failures.saturating_add(1);
-                let delay = retry_delay(
+                let now = Instant::now();
+                let remaining = account
+                    .current
+                    .load()
+                    .as_deref()
+                    .map(|t| t.usable_until().saturating_duration_since(now))
+                    .filter(|left| !left.is_zero());
+                let mut delay = retry_delay(
                     &policies.retry,
                     error.is_permanent(),
                     failures,
                     rand::random::<f64>(),
                 );
-                let next = Instant::now() + delay;
-                let still_usable = account.usable_header().is_some();
+                if !error.is_permanent() {
+                    delay = before_expiry(delay, remaining, &policies.retry);
+                }
+                let next = now + delay;
+                let still_usable = remaining.is_some();
                 // One line per change of state, not one per try.
                 if last_kind != Some(error.kind()) {
                     let error_chain = error_chain(&error);
