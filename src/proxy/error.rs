@@ -35,6 +35,8 @@ pub enum ProxyError {
     Upstream(#[source] hyper_util::client::legacy::Error),
     #[error("the upstream's answer broke off")]
     UpstreamBody(#[source] BoxError),
+    #[error("an internal error of the proxy")]
+    Internal,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -45,6 +47,8 @@ pub enum Fault {
     Client,
     Upstream,
     Identity,
+    /// A bug of the proxy.
+    Proxy,
 }
 
 impl ProxyError {
@@ -78,6 +82,11 @@ impl ProxyError {
             ProxyError::Upstream(_) | ProxyError::UpstreamBody(_) => {
                 (StatusCode::BAD_GATEWAY, "upstream_failed", Fault::Upstream)
             }
+            ProxyError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                Fault::Proxy,
+            ),
         }
     }
 

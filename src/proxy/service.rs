@@ -8,6 +8,7 @@ use super::route::{Route, RouteTable};
 use super::upgrade;
 use crate::identity::Rejection;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -16,6 +17,7 @@ use hyper::upgrade::OnUpgrade;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,7 +81,8 @@ impl Proxy {
         match self.handle_inner(request, peer).await {
             Ok((response, route)) => {
                 tracing::debug!(
-                    http.method = %method, route, status = response.status().as_u16(),
+                    http.method = %method, route = %route.name, upstream = %route.upstream,
+                    status = response.status().as_u16(),
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "forwarded"
                 );
                 response
@@ -95,6 +98,9 @@ impl Proxy {
                     Fault::Upstream | Fault::Identity => {
                         tracing::warn!(http.method = %method, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
                     }
+                    Fault::Proxy => {
+                        tracing::error!(http.method = %method, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+                    }
                 }
                 error.to_response()
             }
@@ -105,7 +111,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
-    ) -> Result<(Response<ProxyBody>, &str), ProxyError> {
+    ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
         // Request filter.
         if request.method() == Method::CONNECT {
             return Err(ProxyError::Connect);
@@ -169,7 +175,7 @@ impl Proxy {
         let response = self.forward(Request::from_parts(parts, body)).await?;
         if let Some(client) = client_upgrade {
             let response = upgrade::tunnel(response, client, route.account.clone(), sent);
-            return Ok((response, &route.name));
+            return Ok((response, route));
         }
 
         // Response filter.
@@ -179,7 +185,7 @@ impl Proxy {
                 self.after_rejection(route, sent, original, replay).await?
             }
         };
-        Ok((response, &route.name))
+        Ok((response, route))
     }
 
     /// Tells whether a request body is small enough to keep for a replay.
@@ -311,6 +317,34 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let proxy = self.proxy.clone();
         let peer = self.peer;
-        Box::pin(async move { Ok(proxy.handle(request, peer).await) })
+        Box::pin(async move {
+            Ok(answer_or_500(async move { proxy.handle(request, peer).await }).await)
+        })
+    }
+}
+
+/// Answers 500 instead of dropping the connection when handling a request panics (a bug of
+/// the proxy; the connection and every other request carry on).
+async fn answer_or_500(handling: impl Future<Output = Response<ProxyBody>>) -> Response<ProxyBody> {
+    match AssertUnwindSafe(handling).catch_unwind().await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::error!("handling a request panicked; answering 500");
+            ProxyError::Internal.to_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_handling_becomes_a_500_with_a_json_body() {
+        let response = answer_or_500(async { panic!("a bug") }).await;
+        assert_eq!(response.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"], "internal_error");
     }
 }
