@@ -45,6 +45,39 @@ async fn an_expired_token_refused_once_costs_one_refresh_and_one_replay_even_for
 }
 
 #[tokio::test]
+async fn a_late_rejection_of_an_old_token_keeps_the_newer_one() {
+    let h = harness(StubSettings::default()).await;
+    let old = current_token(&h).await;
+    // A slow request carries the old token; the upstream checks it after the rotation.
+    let slow = tokio::spawn(get_owned(h.proxy.url("/slow")));
+    let arrived = eventually(Duration::from_secs(5), async || {
+        h.stubs.upstream.requests() == 2
+    })
+    .await;
+    assert!(arrived);
+    h.stubs.upstream.revoke(old.clone());
+    let reply = get(&h.proxy.url("/whoami")).await;
+    assert!(reply.json()["data"]["whoami"].is_object());
+    assert_eq!(h.stubs.identity.token_requests(), 2);
+    // The old token's late rejection is replayed with the new token, which is kept.
+    let reply = slow.await.unwrap();
+    assert!(
+        reply.json()["data"]["whoami"].is_object(),
+        "{:?}",
+        reply.body
+    );
+    assert_eq!(
+        h.stubs.identity.token_requests(),
+        2,
+        "the newer token was dropped"
+    );
+}
+
+async fn get_owned(url: String) -> Reply {
+    get(&url).await
+}
+
+#[tokio::test]
 async fn user_not_authorized_passes_through_untouched_with_no_refresh_and_no_replay() {
     let h = harness(StubSettings::default()).await;
     let reply = get(&h.proxy.url("/media/forbidden")).await;
