@@ -2,6 +2,7 @@
 
 use crate::config::{strip_port, RouteConfig, Upstream};
 use crate::identity::Account;
+use http::uri::{InvalidUri, PathAndQuery};
 use std::sync::Arc;
 
 /// One route: which requests it takes, where they go and whose token they carry.
@@ -44,6 +45,26 @@ impl Route {
             (Some(_), None) => false,
         };
         host_ok && prefix_matches(&self.prefix, path)
+    }
+
+    /// Returns the upstream's path and query for a request's: the request's own (a cheap
+    /// clone) when nothing changes, otherwise rebuilt by [`Route::upstream_path_and_query`].
+    pub fn upstream_target(
+        &self,
+        original: Option<&PathAndQuery>,
+    ) -> Result<PathAndQuery, InvalidUri> {
+        let unchanged = |pq: &&PathAndQuery| {
+            self.upstream.base_path.is_empty()
+                && (!self.strip_prefix || self.prefix == "/")
+                && !pq.query().is_some_and(|q| q.contains("access_token"))
+        };
+        match original.filter(unchanged) {
+            Some(pq) => Ok(pq.clone()),
+            None => {
+                let (path, query) = original.map_or(("/", None), |pq| (pq.path(), pq.query()));
+                PathAndQuery::try_from(self.upstream_path_and_query(path, query))
+            }
+        }
     }
 
     /// Returns the upstream's path and query for a request's `path` and `query`: the prefix
@@ -213,5 +234,22 @@ mod tests {
             r.upstream_path_and_query("/media/q", Some("access_token=x")),
             "/v1/q"
         );
+    }
+
+    #[test]
+    fn an_unchanged_target_is_reused_and_a_changed_one_rebuilt() {
+        let t = table(
+            r#"
+            [[routes]]
+            upstream = "http://up"
+            account = "a"
+        "#,
+        );
+        let r = t.find(None, "/x").unwrap();
+        let pq = PathAndQuery::from_static("/x?a=1");
+        assert_eq!(r.upstream_target(Some(&pq)).unwrap(), "/x?a=1");
+        let pq = PathAndQuery::from_static("/x?access_token=t&a=1");
+        assert_eq!(r.upstream_target(Some(&pq)).unwrap(), "/x?a=1");
+        assert_eq!(r.upstream_target(None).unwrap(), "/");
     }
 }

@@ -264,7 +264,9 @@ fn rewrite(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let path_and_query = route.upstream_path_and_query(parts.uri.path(), parts.uri.query());
+    let path_and_query = route
+        .upstream_target(parts.uri.path_and_query())
+        .map_err(|e| ProxyError::BadTarget(e.into()))?;
     parts.uri = Uri::builder()
         .scheme(route.upstream.scheme.clone())
         .authority(route.upstream.authority.clone())
