@@ -134,16 +134,18 @@ impl App {
 
     /// Starts the token refreshers and serves until `shutdown`, then drains for the grace period.
     pub async fn run(self, shutdown: Shutdown) {
-        let _ = self.run_when_ready(shutdown, None).await;
+        let _ = self.run_when_ready(shutdown, None, || {}).await;
     }
 
     /// Like [`App::run`], but with `wait_ready` the listener accepts no connection before every
-    /// account holds its first token (connections made meanwhile wait in the backlog), and
-    /// the proxy stops with [`RunError::NotReady`] if that takes longer than `wait_ready`.
+    /// account holds its first token (connections made meanwhile wait in the backlog), then
+    /// calls `on_ready`; the proxy stops with [`RunError::NotReady`] if that takes longer
+    /// than `wait_ready`.
     pub async fn run_when_ready(
         self,
         shutdown: Shutdown,
         wait_ready: Option<Duration>,
+        on_ready: impl FnOnce(),
     ) -> Result<(), RunError> {
         let mut tasks = tokio::task::JoinSet::new();
         for account in self.accounts.iter() {
@@ -187,6 +189,7 @@ impl App {
                 }
             }
             tracing::info!("every account holds a token");
+            on_ready();
         }
         let proxy = self.proxy.clone();
         tracing::info!(
@@ -217,4 +220,26 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Reads every account's secret again on each SIGHUP (files at once; an environment variable
+/// can only change with a restart, so it is read but cannot differ).
+pub async fn reload_secrets_on_hangup(accounts: Arc<[Arc<Account>]>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reading the client secrets again");
+            for account in accounts.iter() {
+                if let Err(error) = account.reload_secret() {
+                    tracing::warn!(account = account.name(), %error, "cannot read the secret again; keeping the one in use");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = accounts;
 }

@@ -4,13 +4,13 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use mosaic_auth_proxy::config::Config;
 use mosaic_auth_proxy::demo::{self, DemoOptions};
-use mosaic_auth_proxy::identity::Account;
-use mosaic_auth_proxy::shutdown::{self, ShutdownTrigger};
+use mosaic_auth_proxy::identity::error_chain;
+use mosaic_auth_proxy::shutdown;
 use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubAccount, StubSettings};
-use mosaic_auth_proxy::App;
+use mosaic_auth_proxy::{app, App};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -132,103 +132,24 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> ExitCode {
     match command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(config) => {
-                for warning in &config.warnings {
-                    eprintln!("warning: {warning}");
-                }
-                println!(
-                    "configuration is valid: {} account(s), {} route(s), listening on {}",
-                    config.accounts.len(),
-                    config.routes.len(),
-                    config.server.listen
-                );
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprint!("error: {errors}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Command::Check { config } => check(&config),
         Command::Run {
             config,
             listen,
             admin_listen,
             wait_ready,
-        } => {
-            let mut config = match Config::load(&config) {
-                Ok(config) => config,
-                Err(errors) => {
-                    eprint!("error: {errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            if let Some(listen) = listen {
-                config.server.listen = listen;
-            }
-            if admin_listen.is_some() {
-                config.server.admin_listen = admin_listen;
-            }
-            for warning in &config.warnings {
-                tracing::warn!("{warning}");
-            }
-            let app = match App::bind(config).await {
-                Ok(app) => app,
-                Err(error) => {
-                    tracing::error!(error = %mosaic_auth_proxy::identity::error_chain(&error), "cannot start");
-                    return ExitCode::from(EXIT_START);
-                }
-            };
-            let (trigger, signal) = shutdown::channel();
-            tokio::spawn(stop_on_signal(trigger));
-            tokio::spawn(reload_on_hangup(app.accounts()));
-            let accounts = app.accounts();
-            let announce = async move {
-                if wait_ready.is_some() {
-                    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
-                    for account in accounts.iter() {
-                        account.wait_ready(far).await;
-                    }
-                    println!("ready");
-                }
-            };
-            let run = app.run_when_ready(signal, wait_ready.map(Duration::from_secs));
-            tokio::pin!(run);
-            let result = tokio::select! {
-                result = &mut run => result,
-                () = announce => run.await,
-            };
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(%error, "not ready in time");
-                    ExitCode::from(EXIT_START)
-                }
-            }
-        }
+        } => run(&config, listen, admin_listen, wait_ready).await,
         Command::Demo {
             listen,
             token_lifetime,
             once,
         } => {
-            let (trigger, signal) = shutdown::channel();
-            tokio::spawn(stop_on_signal(trigger.clone()));
             let options = DemoOptions {
                 listen,
                 token_lifetime,
                 once,
             };
-            let demo = demo::run(options, trigger, signal);
-            match demo.await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!(
-                        "error: {}",
-                        mosaic_auth_proxy::identity::error_chain(&error)
-                    );
-                    ExitCode::from(EXIT_START)
-                }
-            }
+            run_demo(options).await
         }
         Command::IdentityStub {
             listen,
@@ -239,19 +160,6 @@ async fn dispatch(command: Command) -> ExitCode {
             environment_id,
             signing_key,
         } => {
-            let key = match signing_key {
-                None => SigningKey::bundled(),
-                Some(path) => match std::fs::read(&path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|pem| SigningKey::from_pem(&pem).map_err(|e| e.to_string()))
-                {
-                    Ok(key) => key,
-                    Err(error) => {
-                        eprintln!("error: --signing-key {}: {error}", path.display());
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
-                },
-            };
             let mut settings = StubSettings {
                 lifetime,
                 ..StubSettings::default()
@@ -270,72 +178,116 @@ async fn dispatch(command: Command) -> ExitCode {
             }
             settings.tenant_id = tenant_id.unwrap_or(settings.tenant_id);
             settings.environment_id = environment_id.unwrap_or(settings.environment_id);
-            let stub = match IdentityStub::bind(listen, settings, key).await {
-                Ok(stub) => stub,
-                Err(error) => {
-                    eprintln!("error: cannot listen on {listen}: {error}");
-                    return ExitCode::from(EXIT_START);
-                }
-            };
-            let handle = stub.handle();
-            tracing::info!(origin = handle.origin(), jwks = %handle.jwks_url(), "identity stand-in listening");
-            let (trigger, signal) = shutdown::channel();
-            tokio::spawn(stop_on_signal(trigger));
-            stub.run(signal).await;
-            ExitCode::SUCCESS
+            identity_stub(listen, settings, signing_key.as_deref()).await
         }
     }
 }
 
-/// Reads every account's secret again on SIGHUP (files at once; an environment variable
-/// can only change with a restart, so it is read but cannot differ).
-async fn reload_on_hangup(accounts: std::sync::Arc<[std::sync::Arc<Account>]>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reading the client secrets again");
-            for account in accounts.iter() {
-                if let Err(error) = account.reload_secret() {
-                    tracing::warn!(account = account.name(), %error, "cannot read the secret again; keeping the one in use");
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = accounts;
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprint!("error: {errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
-async fn stop_on_signal(trigger: ShutdownTrigger) {
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    trigger.trigger();
+fn check(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "configuration is valid: {} account(s), {} route(s), listening on {}",
+        config.accounts.len(),
+        config.routes.len(),
+        config.server.listen
+    );
+    ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
+async fn run(
+    path: &Path,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    wait_ready: Option<u64>,
+) -> ExitCode {
+    let mut config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    config.server.listen = listen.unwrap_or(config.server.listen);
+    config.server.admin_listen = admin_listen.or(config.server.admin_listen);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let app = match App::bind(config).await {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::error!(error = %error_chain(&error), "cannot start");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let (trigger, signal) = shutdown::channel();
+    tokio::spawn(shutdown::trigger_on_signal(trigger));
+    tokio::spawn(app::reload_secrets_on_hangup(app.accounts()));
+    let wait_ready = wait_ready.map(Duration::from_secs);
+    match app
+        .run_when_ready(signal, wait_ready, || println!("ready"))
+        .await
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "not ready in time");
+            ExitCode::from(EXIT_START)
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+}
+
+async fn run_demo(options: DemoOptions) -> ExitCode {
+    let (trigger, signal) = shutdown::channel();
+    tokio::spawn(shutdown::trigger_on_signal(trigger.clone()));
+    match demo::run(options, trigger, signal).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            ExitCode::from(EXIT_START)
+        }
     }
+}
+
+async fn identity_stub(
+    listen: SocketAddr,
+    settings: StubSettings,
+    signing_key: Option<&Path>,
+) -> ExitCode {
+    let key = match signing_key {
+        None => SigningKey::bundled(),
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| SigningKey::from_pem(&pem).map_err(|e| e.to_string()))
+        {
+            Ok(key) => key,
+            Err(error) => {
+                eprintln!("error: --signing-key {}: {error}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let stub = match IdentityStub::bind(listen, settings, key).await {
+        Ok(stub) => stub,
+        Err(error) => {
+            eprintln!("error: cannot listen on {listen}: {error}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let handle = stub.handle();
+    tracing::info!(origin = handle.origin(), jwks = %handle.jwks_url(), "identity stand-in listening");
+    let (trigger, signal) = shutdown::channel();
+    tokio::spawn(shutdown::trigger_on_signal(trigger));
+    stub.run(signal).await;
+    ExitCode::SUCCESS
 }
 
 fn init_logging(format: LogFormat) {

@@ -35,3 +35,33 @@ impl Shutdown {
         *self.0.borrow()
     }
 }
+
+/// Triggers shutdown on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn trigger_on_signal(trigger: ShutdownTrigger) {
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    trigger.trigger();
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,550 @@
+//! Stage two: each table of the file walked key by key into the validated types.
+
+use super::section::Section;
+use super::{
+    AccountConfig, ConfigError, EnvLookup, IdentityConfig, RouteConfig, SecretSource, ServerConfig,
+    TlsConfig, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY_ORIGIN,
+    DEFAULT_IDENTITY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_REPLY_BYTES, DEFAULT_REPLAY_BODY_LIMIT,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_TIMEOUT,
+};
+use crate::identity::breaker::BreakerPolicy;
+use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
+use crate::identity::refresher::DEFAULT_SECRET_POLL;
+use crate::secret::Secret;
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -> ServerConfig {
+    let mut s = Section::new(
+        "server",
+        table,
+        &[
+            "listen",
+            "admin_listen",
+            "upstream_timeout",
+            "connect_timeout",
+            "shutdown_grace",
+            "token_wait",
+            "replay_body_limit",
+        ],
+    );
+    let listen = s
+        .socket_addr("listen")
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses"));
+    let config = ServerConfig {
+        listen,
+        admin_listen: s.socket_addr("admin_listen"),
+        upstream_timeout: s.duration("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT),
+        connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        shutdown_grace: s.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
+        token_wait: s.duration("token_wait", DEFAULT_TOKEN_WAIT),
+        replay_body_limit: s.integer(
+            "replay_body_limit",
+            DEFAULT_REPLAY_BODY_LIMIT,
+            (0, 16 * 1024 * 1024),
+        ),
+    };
+    for (key, value) in [
+        ("upstream_timeout", config.upstream_timeout),
+        ("connect_timeout", config.connect_timeout),
+    ] {
+        if value.is_zero() {
+            s.error(key, "is zero", "use a positive duration such as \"30s\"");
+        }
+    }
+    errors.extend(s.errors);
+    config
+}
+
+pub(super) fn parse_identity(
+    table: &toml::Table,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> IdentityConfig {
+    let mut s = Section::new(
+        "identity",
+        table,
+        &[
+            "origin",
+            "timeout",
+            "max_reply_bytes",
+            "refresh_at",
+            "refresh_margin",
+            "expiry_margin",
+            "refresh_jitter",
+            "retry_initial",
+            "retry_max",
+            "permanent_retry",
+            "breaker_threshold",
+            "breaker_cooldown",
+            "secret_poll",
+        ],
+    );
+    let defaults_breaker = BreakerPolicy::default();
+    let defaults_refresh = RefreshPolicy::default();
+    let defaults_retry = RetryPolicy::default();
+    let origin = s.string("origin").unwrap_or(DEFAULT_IDENTITY_ORIGIN);
+    let origin = match parse_base_url(origin) {
+        Ok((scheme, authority, path)) => {
+            if !path.is_empty() {
+                warnings.push(format!(
+                    "identity.origin: the path {path:?} is ignored; the token request goes to {scheme}://{authority}/graphql"
+                ));
+            }
+            format!("{scheme}://{authority}")
+        }
+        Err(problem) => {
+            s.error(
+                "origin",
+                problem,
+                "write the identity service's origin, such as \"https://id.service.eu.axinom.net\"",
+            );
+            String::new()
+        }
+    };
+    let config = IdentityConfig {
+        origin,
+        timeout: s.duration("timeout", DEFAULT_IDENTITY_TIMEOUT),
+        max_reply_bytes: s.integer(
+            "max_reply_bytes",
+            DEFAULT_MAX_REPLY_BYTES,
+            (1024, 16 * 1024 * 1024),
+        ),
+        refresh: RefreshPolicy {
+            fraction: s.fraction("refresh_at", defaults_refresh.fraction, (0.1, 0.95)),
+            refresh_margin: s.duration("refresh_margin", defaults_refresh.refresh_margin),
+            expiry_margin: s.duration("expiry_margin", defaults_refresh.expiry_margin),
+            jitter: s.fraction("refresh_jitter", defaults_refresh.jitter, (0.0, 0.25)),
+        },
+        retry: RetryPolicy {
+            initial: s.duration("retry_initial", defaults_retry.initial),
+            max: s.duration("retry_max", defaults_retry.max),
+            permanent: s.duration("permanent_retry", defaults_retry.permanent),
+        },
+        breaker: BreakerPolicy {
+            threshold: s.integer(
+                "breaker_threshold",
+                defaults_breaker.threshold.into(),
+                (1, 100),
+            ) as u32,
+            cooldown: s.duration("breaker_cooldown", defaults_breaker.cooldown),
+        },
+        secret_poll: s.duration("secret_poll", DEFAULT_SECRET_POLL),
+    };
+    if config.secret_poll < std::time::Duration::from_millis(10) {
+        s.error(
+            "secret_poll",
+            "is shorter than 10ms",
+            "use a duration such as \"5s\"",
+        );
+    }
+    if config.timeout.is_zero() {
+        s.error(
+            "timeout",
+            "is zero",
+            "use a positive duration such as \"10s\"",
+        );
+    }
+    if config.retry.initial.is_zero() {
+        s.error(
+            "retry_initial",
+            "is zero",
+            "use a positive duration such as \"500ms\"",
+        );
+    }
+    if config.retry.max < config.retry.initial {
+        s.error(
+            "retry_max",
+            "is shorter than identity.retry_initial",
+            "make retry_max at least as long as retry_initial",
+        );
+    }
+    if config.retry.permanent < config.retry.initial {
+        s.error(
+            "permanent_retry",
+            "is shorter than identity.retry_initial",
+            "make permanent_retry at least as long as retry_initial",
+        );
+    }
+    errors.extend(s.errors);
+    config
+}
+
+pub(super) fn parse_tls(table: &toml::Table, errors: &mut Vec<ConfigError>) -> TlsConfig {
+    let mut s = Section::new("tls", table, &["native_roots", "ca_file"]);
+    let ca_file = s.string("ca_file").map(PathBuf::from);
+    if let Some(path) = &ca_file {
+        if let Err(problem) = crate::tls::read_ca_file(path) {
+            s.error(
+                "ca_file",
+                format!("names {}, which {problem}", path.display()),
+                "point it at a PEM file of CA certificates",
+            );
+        }
+    }
+    let config = TlsConfig {
+        native_roots: s.bool("native_roots", false),
+        ca_file,
+    };
+    errors.extend(s.errors);
+    config
+}
+
+pub(super) fn parse_accounts(
+    table: &toml::Table,
+    env: EnvLookup<'_>,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> Vec<AccountConfig> {
+    let mut accounts = Vec::new();
+    if table.is_empty() {
+        errors.push(ConfigError {
+            key: "accounts".into(),
+            problem: "names no account".into(),
+            fix: "add a table [accounts.NAME] with client_id and client_secret_env".into(),
+        });
+    }
+    for (name, value) in table {
+        let path = format!("accounts.{name}");
+        let Some(t) = value.as_table() else {
+            errors.push(ConfigError {
+                key: path,
+                problem: format!("must be a table, found a {}", value.type_str()),
+                fix: format!("write it as [accounts.{name}] with client_id and client_secret_env"),
+            });
+            continue;
+        };
+        let mut s = Section::new(
+            path,
+            t,
+            &[
+                "client_id",
+                "client_secret_env",
+                "client_secret_file",
+                "client_secret",
+            ],
+        );
+        let client_id = s.required_string(
+            "client_id",
+            "set it to the service account's Client ID from the Mosaic management system",
+        );
+        if client_id.is_some_and(|id| id.trim().is_empty()) {
+            s.error(
+                "client_id",
+                "is empty",
+                "set it to the service account's Client ID",
+            );
+        }
+        let secret = resolve_secret(&mut s, name, env, warnings);
+        if let (Some(client_id), Some((secret, secret_source))) = (client_id, secret) {
+            accounts.push(AccountConfig {
+                name: name.clone(),
+                client_id: client_id.trim().to_string(),
+                secret,
+                secret_source,
+            });
+        }
+        errors.extend(s.errors);
+    }
+    accounts
+}
+
+fn resolve_secret(
+    s: &mut Section<'_>,
+    name: &str,
+    env: EnvLookup<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<(Secret, SecretSource)> {
+    let from_env = s.string("client_secret_env");
+    let from_file = s.string("client_secret_file");
+    let inline = s.string("client_secret");
+    let given = [from_env.is_some(), from_file.is_some(), inline.is_some()];
+    match given.iter().filter(|g| **g).count() {
+        0 => {
+            s.error(
+                "client_secret_env",
+                "is missing (no client secret is configured)",
+                "name the environment variable that holds the secret, or set client_secret_file",
+            );
+            return None;
+        }
+        1 => {}
+        _ => {
+            s.error(
+                "client_secret_env",
+                "is given together with another client_secret key",
+                "keep exactly one of client_secret_env, client_secret_file and client_secret",
+            );
+            return None;
+        }
+    }
+    if let Some(var) = from_env {
+        return match env(var) {
+            Some(value) if !value.trim().is_empty() => {
+                Some((Secret::new(value.trim()), SecretSource::Env(var.into())))
+            }
+            Some(_) => {
+                s.error(
+                    "client_secret_env",
+                    format!("names {var}, which is empty"),
+                    format!("put the account's client secret in {var}"),
+                );
+                None
+            }
+            None => {
+                s.error(
+                    "client_secret_env",
+                    format!("names {var}, which is not set"),
+                    format!("export {var} with the account's client secret"),
+                );
+                None
+            }
+        };
+    }
+    if let Some(file) = from_file {
+        let path = PathBuf::from(file);
+        return match read_secret_file(&path) {
+            Ok(secret) => Some((secret, SecretSource::File(path))),
+            Err(problem) => {
+                s.error(
+                    "client_secret_file",
+                    problem,
+                    "point it at a readable file that holds only the client secret",
+                );
+                None
+            }
+        };
+    }
+    let value = inline.unwrap_or_default();
+    if value.trim().is_empty() {
+        s.error(
+            "client_secret",
+            "is empty",
+            "use client_secret_env or client_secret_file instead",
+        );
+        return None;
+    }
+    warnings.push(format!(
+        "accounts.{name}.client_secret is written in the configuration file; prefer client_secret_env or client_secret_file"
+    ));
+    Some((Secret::new(value.trim()), SecretSource::Inline))
+}
+
+/// Reads a secret file: its content less surrounding white space, which must not be empty.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(Secret::new(text.trim())),
+        Ok(_) => Err(format!("names {}, which is empty", path.display())),
+        Err(e) => Err(format!(
+            "names {}, which cannot be read: {e}",
+            path.display()
+        )),
+    }
+}
+
+pub(super) fn parse_routes(
+    list: &[toml::Value],
+    accounts: &[&str],
+    errors: &mut Vec<ConfigError>,
+) -> Vec<RouteConfig> {
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    if list.is_empty() {
+        errors.push(ConfigError {
+            key: "routes".into(),
+            problem: "is empty".into(),
+            fix: "add at least one [[routes]] with upstream and account".into(),
+        });
+    }
+    let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    for (i, value) in list.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(t) = value.as_table() else {
+            errors.push(ConfigError {
+                key: path,
+                problem: format!("must be a table, found a {}", value.type_str()),
+                fix: "write each route as a [[routes]] table".into(),
+            });
+            continue;
+        };
+        let mut s = Section::new(
+            path,
+            t,
+            &[
+                "host",
+                "path_prefix",
+                "upstream",
+                "strip_prefix",
+                "replay",
+                "account",
+            ],
+        );
+        let host = s.string("host").and_then(|h| match normalize_host(h) {
+            Some(h) => Some(h),
+            None => {
+                s.error(
+                    "host",
+                    format!("{h:?} is not a host name"),
+                    "write a host name without scheme or path, such as \"media.example.com\"",
+                );
+                None
+            }
+        });
+        let prefix = s.string("path_prefix").unwrap_or("/");
+        let path_prefix = match normalize_prefix(prefix) {
+            Some(p) => p,
+            None => {
+                s.error(
+                    "path_prefix",
+                    format!("{prefix:?} is not a path"),
+                    "start it with \"/\", such as \"/media\"",
+                );
+                "/".into()
+            }
+        };
+        let upstream = s
+            .required_string(
+                "upstream",
+                "set the upstream base URL, such as \"https://media.service.eu.axinom.net\"",
+            )
+            .and_then(|u| match parse_base_url(u) {
+                Ok((scheme, authority, base_path)) => Some(Upstream {
+                    scheme,
+                    authority,
+                    base_path,
+                }),
+                Err(problem) => {
+                    s.error(
+                        "upstream",
+                        problem,
+                        "write an http:// or https:// URL, such as \"https://media.service.eu.axinom.net\"",
+                    );
+                    None
+                }
+            });
+        let strip_prefix = s.bool("strip_prefix", false);
+        let replay = s.bool("replay", true);
+        let account = s
+            .required_string("account", "name one of the [accounts.NAME] tables")
+            .and_then(|name| match accounts.iter().position(|a| *a == name) {
+                Some(i) => Some(i),
+                None => {
+                    s.error(
+                        "account",
+                        format!("names {name:?}, which is not a configured account"),
+                        format!("use one of: {}", accounts.join(", ")),
+                    );
+                    None
+                }
+            });
+        if let Some(first) = seen.insert((host.clone(), path_prefix.clone()), i) {
+            s.error(
+                "path_prefix",
+                format!("repeats the host and path_prefix of routes[{first}]"),
+                "remove one of the two routes or make them differ",
+            );
+        }
+        if let (Some(upstream), Some(account)) = (upstream, account) {
+            routes.push(RouteConfig {
+                host,
+                path_prefix,
+                upstream,
+                strip_prefix,
+                replay,
+                account,
+            });
+        }
+        errors.extend(s.errors);
+    }
+    routes
+}
+
+fn normalize_host(host: &str) -> Option<String> {
+    let host = host.trim().to_ascii_lowercase();
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+    // A port, if written, is not part of matching: the Host header's port is ignored too.
+    valid.then(|| strip_port(&host).to_string())
+}
+
+/// Returns `host` without a trailing `:port` (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    host.split_once(':').map_or(host, |(h, _)| h)
+}
+
+fn normalize_prefix(prefix: &str) -> Option<String> {
+    if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+        return None;
+    }
+    let trimmed = prefix.trim_end_matches('/');
+    Some(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    })
+}
+
+/// Splits an `http(s)://authority/path` base URL; the path comes back without a trailing `/`.
+pub(super) fn parse_base_url(text: &str) -> Result<(Scheme, Authority, String), String> {
+    let uri: Uri = text.parse().map_err(|_| format!("{text:?} is not a URL"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} has no scheme"))?;
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err(format!(
+            "{text:?} uses the scheme {scheme}, not http or https"
+        ));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{text:?} carries user information"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{text:?} carries a query"));
+    }
+    let path = uri.path().trim_end_matches('/').to_string();
+    Ok((scheme, authority, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::uri::Scheme;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("a.example:8080"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn prefixes_lose_their_trailing_slash() {
+        assert_eq!(normalize_prefix("/media/").as_deref(), Some("/media"));
+        assert_eq!(normalize_prefix("/").as_deref(), Some("/"));
+        assert_eq!(normalize_prefix("media"), None);
+    }
+
+    #[test]
+    fn base_urls_keep_their_path_without_trailing_slash() {
+        let (scheme, authority, path) = parse_base_url("https://a.example:8443/v1/").unwrap();
+        assert_eq!(scheme, Scheme::HTTPS);
+        assert_eq!(authority.as_str(), "a.example:8443");
+        assert_eq!(path, "/v1");
+        assert!(parse_base_url("ftp://a.example").is_err());
+        assert!(parse_base_url("https://user:pw@a.example").is_err());
+    }
+}
