@@ -6,7 +6,9 @@ use mosaic_auth_proxy::config::Config;
 use mosaic_auth_proxy::demo::{self, DemoOptions};
 use mosaic_auth_proxy::identity::error_chain;
 use mosaic_auth_proxy::shutdown;
-use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubAccount, StubSettings};
+use mosaic_auth_proxy::stub::{
+    IdentityStub, MosaicUpstream, SigningKey, StubAccount, StubSettings,
+};
 use mosaic_auth_proxy::{app, App};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -92,6 +94,15 @@ enum Command {
         /// A PKCS#8 PEM RSA key to sign with, instead of the bundled stand-in key.
         #[arg(long)]
         signing_key: Option<PathBuf>,
+    },
+    /// Serve a local stand-in for a Mosaic service, checking tokens against the JWKS of
+    /// an identity service (the stand-in's, usually).
+    UpstreamStub {
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        listen: SocketAddr,
+        /// The identity service whose JWKS signs the tokens.
+        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        identity_origin: String,
     },
 }
 
@@ -180,6 +191,10 @@ async fn dispatch(command: Command) -> ExitCode {
             settings.environment_id = environment_id.unwrap_or(settings.environment_id);
             identity_stub(listen, settings, signing_key.as_deref()).await
         }
+        Command::UpstreamStub {
+            listen,
+            identity_origin,
+        } => upstream_stub(listen, &identity_origin).await,
     }
 }
 
@@ -290,11 +305,27 @@ async fn identity_stub(
     ExitCode::SUCCESS
 }
 
+async fn upstream_stub(listen: SocketAddr, identity_origin: &str) -> ExitCode {
+    let upstream = match MosaicUpstream::bind(listen, identity_origin).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            eprintln!("error: cannot listen on {listen}: {error}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    tracing::info!(listen = %upstream.local_addr(), identity_origin, "Mosaic stand-in listening");
+    let (trigger, signal) = shutdown::channel();
+    tokio::spawn(shutdown::trigger_on_signal(trigger));
+    upstream.run(signal).await;
+    ExitCode::SUCCESS
+}
+
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
