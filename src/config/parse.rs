@@ -93,6 +93,11 @@ pub(super) fn parse_identity(
                     "identity.origin: the path {path:?} is ignored; the token request goes to {scheme}://{authority}/graphql"
                 ));
             }
+            if scheme == Scheme::HTTP && !is_loopback(authority.host()) {
+                warnings.push(format!(
+                    "identity.origin: {authority} is reached over plain http, so client secrets and tokens cross the network unencrypted; use https"
+                ));
+            }
             format!("{scheme}://{authority}")
         }
         Err(problem) => {
@@ -468,6 +473,16 @@ fn normalize_host(host: &str) -> Option<String> {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
     // A port, if written, is not part of matching: the Host header's port is ignored too.
     valid.then(|| strip_port(&host).to_string())
+}
+
+/// Tells whether a host names this machine's loopback interface.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Returns `host` without a trailing `:port` (IPv6 literals keep their brackets).

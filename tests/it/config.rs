@@ -192,3 +192,25 @@ fn a_ca_file_that_holds_no_certificate_is_named() {
     let text = format!("[tls]\nca_file = \"/nonexistent/ca.pem\"\n{VALID}");
     assert_eq!(keys(&text), ["tls.ca_file"]);
 }
+
+#[test]
+fn plain_http_to_a_remote_identity_service_warns_and_loopback_does_not() {
+    let remote = format!("[identity]\norigin = \"http://id.example\"\n{VALID}");
+    let config = Config::parse(&remote, &env).unwrap();
+    assert!(
+        config.warnings[0].contains("unencrypted"),
+        "{:?}",
+        config.warnings
+    );
+    for local in [
+        "http://127.0.0.1:8081",
+        "http://localhost:1",
+        "http://[::1]:2",
+    ] {
+        let text = format!("[identity]\norigin = \"{local}\"\n{VALID}");
+        assert!(
+            Config::parse(&text, &env).unwrap().warnings.is_empty(),
+            "{local}"
+        );
+    }
+}
