@@ -5,7 +5,7 @@ use super::breaker::{Breaker, BreakerPolicy, Verdict};
 use super::client::IdentityError;
 use super::token::Token;
 use crate::config::{read_secret_file, SecretSource};
-use crate::secret::{fingerprint, Secret};
+use crate::secret::Secret;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,16 +197,12 @@ impl Account {
             Verdict::React => {}
         }
         let current = self.current.load();
-        if current.as_deref().is_some_and(|t| t.header() == sent) {
+        if let Some(token) = current.as_deref().filter(|t| t.header() == sent) {
             let previous = self.current.compare_and_swap(&current, None::<Arc<Token>>);
-            let dropped_it = match (previous.as_ref(), current.as_ref()) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                _ => false,
-            };
-            if dropped_it {
+            if previous.as_ref().is_some_and(|p| std::ptr::eq(&**p, token)) {
                 tracing::info!(
                     account = %self.name,
-                    token = %fingerprint(sent.to_str().unwrap_or_default()),
+                    token = token.fingerprint(),
                     "an upstream refused the token; refreshing"
                 );
                 self.progress.send_modify(|p| p.fetching = true);

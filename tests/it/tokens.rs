@@ -3,8 +3,6 @@
 use crate::support::*;
 use http::{Request, StatusCode};
 use mosaic_auth_proxy::stub::{Fault, StubSettings};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 #[tokio::test]
@@ -46,31 +44,14 @@ async fn tokens_rotate_under_continuous_traffic_without_one_failed_request() {
     .await;
     let text = stubs.config("refresh_margin = \"200ms\"\nrefresh_jitter = 0.0", "");
     let proxy = TestProxy::start(&text).await.ready().await;
-    let failures = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let (client, url) = (client(), proxy.url("/whoami"));
-        let (failures, done) = (failures.clone(), done.clone());
-        workers.spawn(async move {
-            while tokio::time::Instant::now() < deadline {
-                let reply = send(&client, Request::get(&url).body(empty()).unwrap()).await;
-                let accepted = reply.status == StatusCode::OK
-                    && serde_json::from_slice::<serde_json::Value>(&reply.body)
-                        .map(|v| v["data"]["whoami"].is_object())
-                        .unwrap_or(false);
-                if !accepted {
-                    failures.fetch_add(1, Ordering::SeqCst);
-                }
-                done.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-    }
-    while workers.join_next().await.is_some() {}
-    let (done, failures) = (done.load(Ordering::SeqCst), failures.load(Ordering::SeqCst));
+    let load = traffic(proxy.url("/whoami"), 8);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (done, failures, sample) = load.stop().await;
     assert!(done > 1000, "only {done} requests were made");
-    assert_eq!(failures, 0, "{failures} of {done} requests failed");
+    assert_eq!(
+        failures, 0,
+        "{failures} of {done} requests failed: {sample:?}"
+    );
     assert_eq!(stubs.upstream.expired(), 0);
     assert_eq!(stubs.upstream.refused(), 0);
     // A 2 s token refreshed at 75% of what is left of it: ten to twenty tokens in 20 s.
