@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use mosaic_auth_proxy::config::SecretSource;
 use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
-use mosaic_auth_proxy::proxy::headers::{forwarded_for, remove_hop_by_hop};
+use mosaic_auth_proxy::proxy::headers::{remove_hop_by_hop, ClientAddress};
 use mosaic_auth_proxy::secret::Secret;
 use mosaic_auth_proxy::shutdown::{self, Shutdown};
 use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubSettings};
@@ -67,7 +67,8 @@ fn token_and_rewrite(c: &mut Criterion) {
         b.iter(|| account.usable_header().expect("a token is cached"))
     });
     let template = typical_headers();
-    let peer = "127.0.0.1".parse().unwrap();
+    let client = ClientAddress::new("127.0.0.1".parse().unwrap(), &[]);
+    let host = HeaderValue::from_static("127.0.0.1:8080");
     c.bench_function("hot_path/rewrite_request_headers", |b| {
         b.iter_batched_ref(
             || template.clone(),
@@ -75,9 +76,7 @@ fn token_and_rewrite(c: &mut Criterion) {
                 remove_hop_by_hop(headers);
                 headers.remove(header::HOST);
                 headers.remove(header::AUTHORIZATION);
-                let xff = forwarded_for(headers.get("x-forwarded-for"), peer);
-                headers.insert("x-forwarded-for", xff);
-                headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+                client.set_forwarding_headers(headers, Some(host.clone()));
                 headers.insert(header::AUTHORIZATION, account.usable_header().unwrap());
             },
             criterion::BatchSize::SmallInput,
@@ -118,6 +117,7 @@ async fn plain_upstream(signal: Shutdown) -> SocketAddr {
                 }
             })
         },
+        Default::default(),
         signal,
         Duration::from_secs(1),
     ));

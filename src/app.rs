@@ -1,12 +1,11 @@
 //! Bind, then run: the proxy's listeners, accounts and background tasks as one value.
 
-use crate::config::Config;
-use crate::config::SecretSource;
+use crate::config::{Config, ConnectionLimits, SecretSource};
 use crate::identity::refresher::{keep_fresh, watch_secret_file, Policies};
 use crate::identity::{Account, IdentityClient};
 use crate::proxy::forward::upstream_client;
 use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
-use crate::server::serve;
+use crate::server::{derived_max_connections, serve};
 use crate::shutdown::Shutdown;
 use crate::tls::{client_config, TlsError};
 use std::net::SocketAddr;
@@ -52,7 +51,12 @@ pub struct App {
     policies: Policies,
     secret_poll: Duration,
     shutdown_grace: Duration,
+    limits: ConnectionLimits,
 }
+
+/// Connections the admin listener serves at once: its own small budget, so that probes
+/// still answer while the proxy's listener is full.
+pub const ADMIN_MAX_CONNECTIONS: usize = 32;
 
 impl App {
     /// Binds the listeners (port 0 picks a free port) and builds the proxy from `config`.
@@ -86,10 +90,14 @@ impl App {
         let proxy = Arc::new(Proxy::new(
             RouteTable::new(routes),
             upstream_client(tls, config.server.connect_timeout),
-            config.server.upstream_timeout,
-            config.server.token_wait,
-            config.server.replay_body_limit,
+            &config.server,
         ));
+        let mut limits = config.server.limits.clone();
+        limits.max_connections = Some(
+            limits
+                .max_connections
+                .unwrap_or_else(derived_max_connections),
+        );
         let listener = bind(config.server.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.server.listen,
@@ -114,6 +122,7 @@ impl App {
             },
             secret_poll: config.identity.secret_poll,
             shutdown_grace: config.server.shutdown_grace,
+            limits,
         })
     }
 
@@ -165,11 +174,17 @@ impl App {
         }
         if let Some(admin) = self.admin {
             let accounts = self.accounts.clone();
+            let limits = ConnectionLimits {
+                max_connections: Some(ADMIN_MAX_CONNECTIONS),
+                ..self.limits.clone()
+            };
+            let (shutdown, grace) = (shutdown.clone(), self.shutdown_grace);
             tasks.spawn(serve(
                 admin,
                 move |_| crate::admin::AdminService::new(accounts.clone()),
-                shutdown.clone(),
-                self.shutdown_grace,
+                limits,
+                shutdown,
+                grace,
             ));
         }
         if let Some(limit) = wait_ready {
@@ -197,11 +212,13 @@ impl App {
             admin = ?self.admin_addr,
             routes = proxy.routes().routes().len(),
             accounts = self.accounts.len(),
+            max_connections = self.limits.max_connections,
             "proxy listening"
         );
         serve(
             self.listener,
-            move |peer| ProxyService::new(proxy.clone(), peer),
+            move |conn| ProxyService::new(proxy.clone(), conn.clone()),
+            self.limits.clone(),
             shutdown,
             self.shutdown_grace,
         )

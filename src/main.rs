@@ -128,6 +128,10 @@ fn parse_permission(text: &str) -> Result<(String, Vec<String>), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Room for max_connections: servers raise the soft open-file limit to the hard one.
+    if let Some(limit) = mosaic_auth_proxy::server::raise_open_file_limit() {
+        tracing::debug!(open_files = limit, "open-file limit");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -36,6 +36,30 @@ pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_REPLY_BYTES: u64 = 64 * 1024;
 /// The largest request body kept so that the request can be replayed after a rejection.
 pub const DEFAULT_REPLAY_BODY_LIMIT: u64 = 64 * 1024;
+/// All request bodies kept for replays together, at most.
+pub const DEFAULT_REPLAY_MEMORY: u64 = 64 * 1024 * 1024;
+/// From accept, the time a connection has to complete its first request head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may sit with no request in flight.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest gap between two pieces of a request body.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may leave an answer unread.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an upgraded connection (WebSocket) may carry no byte either way.
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The largest request head (request line and headers), in bytes.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The most header fields a request may carry.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// The longest request target (path and query), in bytes.
+pub const DEFAULT_MAX_URI_BYTES: usize = 16 * 1024;
+/// Concurrent streams one HTTP/2 client connection may open.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2 flow-control window of one stream: what a client may send ahead, per stream.
+pub const DEFAULT_H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 flow-control window of one connection, all its streams together.
+pub const DEFAULT_H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// One bad key: its dotted name, what is wrong and how to fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +113,52 @@ pub struct ServerConfig {
     pub token_wait: Duration,
     /// Request bodies up to this size are kept for one replay after a token rejection.
     pub replay_body_limit: u64,
+    /// All kept replay bodies together at most; beyond it requests stream without one.
+    pub replay_memory: u64,
+    /// The longest gap between two pieces of a request body (then 408 or a reset).
+    pub body_timeout: Duration,
+    /// The longest request target; longer ones are answered 414.
+    pub max_uri_bytes: usize,
+    /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are extended, not replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// How long an upgraded connection may carry no byte either way.
+    pub tunnel_idle_timeout: Duration,
+    /// What one client connection may hold.
+    pub limits: ConnectionLimits,
+}
+
+/// The bounds on what one client connection may hold, and on how many there are.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Connections served at once; `None`: derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    /// From accept, the time to complete the first request head (HTTP/2: preface and a stream).
+    pub header_timeout: Duration,
+    /// How long a connection may have no request in flight before it is closed.
+    pub idle_timeout: Duration,
+    /// How long a client may leave an answer unread before the connection is dropped.
+    pub write_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: None,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            h2_stream_window: DEFAULT_H2_STREAM_WINDOW,
+            h2_connection_window: DEFAULT_H2_CONNECTION_WINDOW,
+        }
+    }
 }
 
 /// The `[identity]` table.
@@ -142,6 +212,10 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     /// Replay a request once with a fresh token when the upstream refused the token.
     pub replay: bool,
+    /// Forward `%2F` and `%5C` in paths as they are instead of refusing them.
+    pub allow_encoded_slashes: bool,
+    /// The `Upgrade` protocols tunnelled (lower case); any other upgrade is stripped.
+    pub upgrades: Vec<String>,
     /// Index into [`Config::accounts`].
     pub account: usize,
 }

@@ -7,6 +7,12 @@ use super::{
     DEFAULT_IDENTITY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_REPLY_BYTES, DEFAULT_REPLAY_BODY_LIMIT,
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_TIMEOUT,
 };
+use super::{
+    ConnectionLimits, DEFAULT_BODY_TIMEOUT, DEFAULT_H2_CONNECTION_WINDOW,
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_H2_STREAM_WINDOW, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES,
+    DEFAULT_REPLAY_MEMORY, DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+};
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
 use crate::identity::refresher::DEFAULT_SECRET_POLL;
@@ -28,11 +34,71 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             "shutdown_grace",
             "token_wait",
             "replay_body_limit",
+            "replay_memory",
+            "body_timeout",
+            "max_uri_bytes",
+            "trusted_proxies",
+            "tunnel_idle_timeout",
+            "max_connections",
+            "header_timeout",
+            "idle_timeout",
+            "write_timeout",
+            "max_header_bytes",
+            "max_headers",
+            "h2_max_concurrent_streams",
+            "h2_stream_window",
+            "h2_connection_window",
         ],
     );
     let listen = s
         .socket_addr("listen")
         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses"));
+    let max_connections = s
+        .typed_integer("max_connections", (1, 1_000_000))
+        .map(|n| n as usize);
+    let limits = ConnectionLimits {
+        max_connections,
+        header_timeout: s.duration("header_timeout", DEFAULT_HEADER_TIMEOUT),
+        idle_timeout: s.duration("idle_timeout", DEFAULT_IDLE_TIMEOUT),
+        write_timeout: s.duration("write_timeout", DEFAULT_WRITE_TIMEOUT),
+        max_header_bytes: s.integer(
+            "max_header_bytes",
+            DEFAULT_MAX_HEADER_BYTES as u64,
+            (8 * 1024, 1024 * 1024),
+        ) as usize,
+        max_headers: s.integer("max_headers", DEFAULT_MAX_HEADERS as u64, (8, 1000)) as usize,
+        h2_max_concurrent_streams: s.integer(
+            "h2_max_concurrent_streams",
+            DEFAULT_H2_MAX_CONCURRENT_STREAMS.into(),
+            (1, 1000),
+        ) as u32,
+        h2_stream_window: s.integer(
+            "h2_stream_window",
+            DEFAULT_H2_STREAM_WINDOW.into(),
+            (65_535, 16 * 1024 * 1024),
+        ) as u32,
+        h2_connection_window: s.integer(
+            "h2_connection_window",
+            DEFAULT_H2_CONNECTION_WINDOW.into(),
+            (65_535, 64 * 1024 * 1024),
+        ) as u32,
+    };
+    let trusted_proxies = s
+        .string_list("trusted_proxies")
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|text| match parse_network(text) {
+            Some(net) => Some(net),
+            None => {
+                s.error(
+                    "trusted_proxies",
+                    format!("{text:?} is not an address or network"),
+                    "write addresses or CIDR networks, such as \"10.0.0.0/8\" or \"::1\"",
+                );
+                None
+            }
+        })
+        .collect();
     let config = ServerConfig {
         listen,
         admin_listen: s.socket_addr("admin_listen"),
@@ -45,17 +111,60 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             DEFAULT_REPLAY_BODY_LIMIT,
             (0, 16 * 1024 * 1024),
         ),
+        replay_memory: s.integer(
+            "replay_memory",
+            DEFAULT_REPLAY_MEMORY,
+            (0, 16 * 1024 * 1024 * 1024),
+        ),
+        body_timeout: s.duration("body_timeout", DEFAULT_BODY_TIMEOUT),
+        max_uri_bytes: s.integer("max_uri_bytes", DEFAULT_MAX_URI_BYTES as u64, (256, 65_534))
+            as usize,
+        trusted_proxies,
+        tunnel_idle_timeout: s.duration("tunnel_idle_timeout", DEFAULT_TUNNEL_IDLE_TIMEOUT),
+        limits,
     };
     for (key, value) in [
         ("upstream_timeout", config.upstream_timeout),
         ("connect_timeout", config.connect_timeout),
+        ("body_timeout", config.body_timeout),
+        ("tunnel_idle_timeout", config.tunnel_idle_timeout),
+        ("header_timeout", config.limits.header_timeout),
+        ("idle_timeout", config.limits.idle_timeout),
+        ("write_timeout", config.limits.write_timeout),
     ] {
         if value.is_zero() {
             s.error(key, "is zero", "use a positive duration such as \"30s\"");
         }
     }
+    if config.limits.h2_connection_window < config.limits.h2_stream_window {
+        s.error(
+            "h2_connection_window",
+            "is smaller than server.h2_stream_window",
+            "make the connection window at least as large as the stream window",
+        );
+    }
+    if config.replay_memory > 0 && config.replay_memory < config.replay_body_limit {
+        s.error(
+            "replay_memory",
+            "is smaller than server.replay_body_limit, so no body could ever be kept",
+            "make replay_memory at least replay_body_limit, or set replay_body_limit = 0",
+        );
+    }
     errors.extend(s.errors);
     config
+}
+
+/// Parses `"10.0.0.0/8"`, `"::1"` or `"192.168.1.7"` (a single address is a /32 or /128).
+fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        })
+        .map(|net| net.trunc())
 }
 
 pub(super) fn parse_identity(
@@ -382,6 +491,8 @@ pub(super) fn parse_routes(
                 "upstream",
                 "strip_prefix",
                 "replay",
+                "allow_encoded_slashes",
+                "upgrades",
                 "account",
             ],
         );
@@ -430,6 +541,25 @@ pub(super) fn parse_routes(
             });
         let strip_prefix = s.bool("strip_prefix", false);
         let replay = s.bool("replay", true);
+        let allow_encoded_slashes = s.bool("allow_encoded_slashes", false);
+        let upgrades = match s.string_list("upgrades") {
+            None => vec!["websocket".to_owned()],
+            Some(list) => {
+                let mut upgrades = Vec::new();
+                for name in list {
+                    if name.is_empty() || !name.bytes().all(is_token_byte) {
+                        s.error(
+                            "upgrades",
+                            format!("{name:?} is not a protocol name"),
+                            "list Upgrade protocol names such as \"websocket\", or [] for none",
+                        );
+                    } else {
+                        upgrades.push(name.to_ascii_lowercase());
+                    }
+                }
+                upgrades
+            }
+        };
         let account = s
             .required_string("account", "name one of the [accounts.NAME] tables")
             .and_then(|name| match accounts.iter().position(|a| *a == name) {
@@ -457,12 +587,19 @@ pub(super) fn parse_routes(
                 upstream,
                 strip_prefix,
                 replay,
+                allow_encoded_slashes,
+                upgrades,
                 account,
             });
         }
         errors.extend(s.errors);
     }
     routes
+}
+
+/// Tells whether `b` may stand in an HTTP token (RFC 9110 §5.6.2), such as a protocol name.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn normalize_host(host: &str) -> Option<String> {

@@ -107,6 +107,20 @@ impl<'a> Section<'a> {
         }
     }
 
+    /// Reads an optional whole number within `range`, with no default.
+    pub(super) fn typed_integer(&mut self, key: &str, range: (u64, u64)) -> Option<u64> {
+        self.table.get(key)?;
+        let n = self.integer(key, u64::MAX, range);
+        (n != u64::MAX).then_some(n)
+    }
+
+    /// Reads an optional array of strings.
+    pub(super) fn string_list(&mut self, key: &str) -> Option<Vec<&'a str>> {
+        self.typed(key, "an array of strings", |v| {
+            v.as_array()?.iter().map(Value::as_str).collect()
+        })
+    }
+
     /// Reads an optional fraction with a default, within `range`.
     pub(super) fn fraction(&mut self, key: &str, default: f64, range: (f64, f64)) -> f64 {
         let Some(x) = self.typed(key, "a number", |v| {

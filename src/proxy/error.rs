@@ -1,10 +1,9 @@
 //! Every way a proxied request can fail, and the one table that maps each to a status.
 
-use super::service::ProxyBody;
+use super::body::ProxyBody;
+use super::path::PathError;
 use crate::identity::TokenUnavailable;
-use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{Either, Full};
 use std::time::Duration;
 
 /// A failed request, classified by who is at fault.
@@ -18,10 +17,20 @@ pub enum ProxyError {
         "absolute-form request for a host that no route names: this proxy is not an open proxy"
     )]
     ForeignHost,
+    #[error("TRACE is not served: it would echo the injected token back to the client")]
+    Trace,
+    #[error("the request target is longer than server.max_uri_bytes")]
+    UriTooLong,
+    #[error("an HTTP/1.1 request needs exactly one valid Host header")]
+    BadHost,
+    #[error(transparent)]
+    BadPath(PathError),
     #[error("the request target cannot be forwarded")]
     BadTarget(#[source] http::Error),
     #[error("the request body could not be read")]
     ClientBody(#[source] BoxError),
+    #[error("the client paused its request body for longer than {} (server.body_timeout)", humantime::format_duration(*.0))]
+    BodyTimeout(Duration),
     #[error("no access token is available for account {account}")]
     TokenUnavailable {
         account: String,
@@ -35,6 +44,8 @@ pub enum ProxyError {
     Upstream(#[source] hyper_util::client::legacy::Error),
     #[error("the upstream's answer broke off")]
     UpstreamBody(#[source] BoxError),
+    #[error("the upstream switched protocols for a request that asked for no upgrade")]
+    UpstreamSwitched,
     #[error("an internal error of the proxy")]
     Internal,
 }
@@ -62,8 +73,19 @@ impl ProxyError {
                 Fault::Client,
             ),
             ProxyError::ForeignHost => (StatusCode::FORBIDDEN, "not_an_open_proxy", Fault::Client),
+            ProxyError::Trace => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "trace_refused",
+                Fault::Client,
+            ),
+            ProxyError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long", Fault::Client),
+            ProxyError::BadHost => (StatusCode::BAD_REQUEST, "bad_host", Fault::Client),
+            ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path", Fault::Client),
             ProxyError::BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target", Fault::Client),
             ProxyError::ClientBody(_) => (StatusCode::BAD_REQUEST, "bad_body", Fault::Client),
+            ProxyError::BodyTimeout(_) => {
+                (StatusCode::REQUEST_TIMEOUT, "body_timeout", Fault::Client)
+            }
             ProxyError::TokenUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "token_unavailable",
@@ -79,7 +101,9 @@ impl ProxyError {
                 "upstream_timeout",
                 Fault::Upstream,
             ),
-            ProxyError::Upstream(_) | ProxyError::UpstreamBody(_) => {
+            ProxyError::Upstream(_)
+            | ProxyError::UpstreamBody(_)
+            | ProxyError::UpstreamSwitched => {
                 (StatusCode::BAD_GATEWAY, "upstream_failed", Fault::Upstream)
             }
             ProxyError::Internal => (
@@ -101,7 +125,7 @@ impl ProxyError {
             }
             retry_after = Some(cause.retry_after_secs);
         }
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+        let mut response = Response::new(ProxyBody::full(body.to_string()));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(

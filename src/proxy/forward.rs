@@ -1,7 +1,7 @@
 //! The pooled, keep-alive client that carries requests to upstreams (HTTP/1.1 and, where
 //! the upstream offers it by ALPN, HTTP/2).
 
-use super::service::ProxyBody;
+use super::body::ProxyBody;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;

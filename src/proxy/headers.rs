@@ -1,6 +1,7 @@
 //! Header and query rewriting between client and upstream.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
 use std::net::IpAddr;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -46,13 +47,123 @@ pub fn push_query_without_access_token(out: &mut String, query: &str) {
     }
 }
 
-/// Returns `X-Forwarded-For` with `peer` appended to what earlier proxies wrote.
-pub fn forwarded_for(existing: Option<&HeaderValue>, peer: IpAddr) -> HeaderValue {
-    let text = match existing.and_then(|v| v.to_str().ok()) {
-        Some(before) if !before.trim().is_empty() => format!("{before}, {peer}"),
-        _ => peer.to_string(),
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The client of a connection as the forwarding headers name it, made once per connection.
+#[derive(Clone, Debug)]
+pub struct ClientAddress {
+    ip: IpAddr,
+    /// Its `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are extended, not replaced.
+    trusted: bool,
+    /// `192.0.2.7`
+    ip_value: HeaderValue,
+    /// `for=192.0.2.7;proto=http` (RFC 7239)
+    forwarded: HeaderValue,
+}
+
+impl ClientAddress {
+    /// Describes the client at `ip`, trusted if it is in `trusted_proxies`.
+    pub fn new(ip: IpAddr, trusted_proxies: &[IpNet]) -> ClientAddress {
+        let ip = ip.to_canonical();
+        let ip_value = HeaderValue::try_from(ip.to_string()).expect("an address is a header value");
+        let forwarded = match ip {
+            IpAddr::V4(v4) => format!("for={v4};proto=http"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=http"),
+        };
+        ClientAddress {
+            ip,
+            trusted: trusted_proxies.iter().any(|net| net.contains(&ip)),
+            ip_value,
+            forwarded: HeaderValue::try_from(forwarded).expect("an address is a header value"),
+        }
+    }
+
+    /// Sets the forwarding headers of a request from this client to `host`: the client's own
+    /// are replaced, or, from a trusted proxy, extended.
+    pub fn set_forwarding_headers(&self, headers: &mut HeaderMap, host: Option<HeaderValue>) {
+        if !self.trusted {
+            headers.insert(X_FORWARDED_FOR, self.ip_value.clone());
+            headers.insert(X_REAL_IP, self.ip_value.clone());
+            headers.insert(header::FORWARDED, self.forwarded.clone());
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            match host {
+                Some(host) => headers.insert(X_FORWARDED_HOST, host),
+                None => headers.remove(X_FORWARDED_HOST),
+            };
+            return;
+        }
+        let xff = appended(headers, &X_FORWARDED_FOR, self.ip_value.as_bytes());
+        headers.insert(X_FORWARDED_FOR, xff);
+        let forwarded = appended(headers, &header::FORWARDED, self.forwarded.as_bytes());
+        headers.insert(header::FORWARDED, forwarded);
+        if !headers.contains_key(X_REAL_IP) {
+            headers.insert(X_REAL_IP, self.ip_value.clone());
+        }
+        if !headers.contains_key(X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        if let (false, Some(host)) = (headers.contains_key(X_FORWARDED_HOST), host) {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+    }
+
+    /// Returns the client's address.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
+/// Returns every value of `name` joined by `, `, with `ours` last.
+fn appended(headers: &HeaderMap, name: &HeaderName, ours: &[u8]) -> HeaderValue {
+    let mut out = Vec::new();
+    for value in headers.get_all(name) {
+        let value = value.as_bytes().trim_ascii();
+        if !value.is_empty() {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(ours);
+    HeaderValue::from_bytes(&out).expect("header values joined by a comma make a header value")
+}
+
+/// Tells whether a `Host` value is a valid `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2.2).
+pub fn is_valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        match value.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &value[1..end];
+                let ok = !literal.is_empty()
+                    && literal
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+                if !ok {
+                    return false;
+                }
+                (&value[..=end], &value[end + 1..])
+            }
+            None => return false,
+        }
+    } else {
+        match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &value[value.len()..]),
+        }
     };
-    HeaderValue::try_from(text).expect("addresses and visible ASCII make a header value")
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let name_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && host
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)));
+    port_ok && name_ok
 }
 
 #[cfg(test)]
@@ -77,11 +188,68 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends_to_earlier_proxies() {
-        let peer: IpAddr = "127.0.0.2".parse().unwrap();
-        assert_eq!(forwarded_for(None, peer), "127.0.0.2");
-        let before = HeaderValue::from_static("10.0.0.1");
-        assert_eq!(forwarded_for(Some(&before), peer), "10.0.0.1, 127.0.0.2");
+    fn an_untrusted_clients_forwarding_headers_are_replaced() {
+        let client = ClientAddress::new("127.0.0.2".parse().unwrap(), &[]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        h.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+        h.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        client.set_forwarding_headers(&mut h, Some(HeaderValue::from_static("a.example")));
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.2");
+        assert_eq!(h["x-real-ip"], "127.0.0.2");
+        assert_eq!(h["forwarded"], "for=127.0.0.2;proto=http");
+        assert_eq!(h["x-forwarded-host"], "a.example");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_trusted_proxys_forwarding_headers_are_extended() {
+        let nets = ["10.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        let client = ClientAddress::new("::1".parse().unwrap(), &nets);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("192.0.2.2"));
+        h.insert("forwarded", HeaderValue::from_static("for=192.0.2.1"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        client.set_forwarding_headers(&mut h, Some(HeaderValue::from_static("a.example")));
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, ::1");
+        assert_eq!(h["forwarded"], "for=192.0.2.1, for=\"[::1]\";proto=http");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-real-ip"], "::1");
+        let mapped = ClientAddress::new("::ffff:10.1.2.3".parse().unwrap(), &nets);
+        assert!(mapped.trusted, "an IPv4-mapped address is judged as IPv4");
+    }
+
+    #[test]
+    fn host_values_are_validated() {
+        for good in [
+            "a.example",
+            "a.example:8080",
+            "[::1]:80",
+            "[::1]",
+            "127.0.0.1",
+            "x:",
+        ] {
+            assert!(is_valid_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "user@a.example",
+            "a.example/x",
+            "a:80:80",
+            "[::1",
+            "[zz]",
+            "a:x",
+            ":80",
+            "a?b",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

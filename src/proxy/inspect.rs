@@ -1,11 +1,11 @@
 //! Telling a token rejection from any other answer, the Mosaic way (HTTP 200 with a GraphQL
 //! error code) and the plain way (HTTP 401), without touching answers that cannot be one.
 
+use super::body::ProxyBody;
 use super::error::ProxyError;
-use super::service::ProxyBody;
 use crate::mosaic;
 use http::{header, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 /// The largest answer read to look for a rejection; Mosaic's error replies are far smaller.
@@ -23,10 +23,10 @@ pub enum Inspected {
 /// passed on from memory); every other answer streams through untouched.
 pub async fn inspect(response: Response<Incoming>) -> Result<Inspected, ProxyError> {
     if response.status() == StatusCode::UNAUTHORIZED {
-        return Ok(Inspected::Rejected(response.map(Either::Left)));
+        return Ok(Inspected::Rejected(response.map(ProxyBody::Streamed)));
     }
     if !may_be_rejection(&response) {
-        return Ok(Inspected::Pass(response.map(Either::Left)));
+        return Ok(Inspected::Pass(response.map(ProxyBody::Streamed)));
     }
     let (parts, body) = response.into_parts();
     let bytes = Limited::new(body, INSPECT_LIMIT as usize)
@@ -35,7 +35,7 @@ pub async fn inspect(response: Response<Incoming>) -> Result<Inspected, ProxyErr
         .map_err(ProxyError::UpstreamBody)?
         .to_bytes();
     let rejected = mosaic::token_rejection(&bytes).is_some();
-    let response = Response::from_parts(parts, Either::Right(Full::new(bytes)));
+    let response = Response::from_parts(parts, ProxyBody::full(bytes));
     Ok(if rejected {
         Inspected::Rejected(response)
     } else {

@@ -1,17 +1,20 @@
 //! The forwarding path. A request goes through named phases: request filter (refuse what
-//! this proxy never serves), pick upstream ([`route`]), token, rewrite ([`headers`]), forward
+//! this proxy never serves; judge the path, [`path`]), pick upstream ([`route`]), token, rewrite ([`headers`]), forward
 //! ([`forward`]), response filter ([`inspect`]: a token rejection leads to one refresh and at
 //! most one replay); upgraded connections are spliced by [`upgrade`]. [`error`] maps every
 //! failure to one status by who is at fault.
 
+pub mod body;
 pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod inspect;
+pub mod path;
 pub mod route;
 pub mod service;
 pub mod upgrade;
 
+pub use body::ProxyBody;
 pub use error::ProxyError;
 pub use route::{Route, RouteTable};
-pub use service::{Proxy, ProxyBody, ProxyService};
+pub use service::{Proxy, ProxyService};

@@ -14,6 +14,10 @@ pub struct Route {
     strip_prefix: bool,
     /// Whether a refused request may be replayed once with a fresh token.
     pub replay: bool,
+    /// Whether `%2F` and `%5C` may stand in paths (forwarded as they are).
+    pub allow_encoded_slashes: bool,
+    /// The `Upgrade` protocols tunnelled, lower case.
+    pub upgrades: Vec<String>,
     pub account: Arc<Account>,
     /// `host/prefix`, for logs.
     pub name: String,
@@ -33,6 +37,8 @@ impl Route {
             upstream: config.upstream.clone(),
             strip_prefix: config.strip_prefix,
             replay: config.replay,
+            allow_encoded_slashes: config.allow_encoded_slashes,
+            upgrades: config.upgrades.clone(),
             account,
             name,
         }
@@ -49,12 +55,15 @@ impl Route {
 
     /// Returns the upstream's path and query for a request's: the request's own (a cheap
     /// clone) when nothing changes, otherwise rebuilt by [`Route::upstream_path_and_query`].
+    /// `judged` is the request's path if judging it changed it.
     pub fn upstream_target(
         &self,
         original: Option<&PathAndQuery>,
+        judged: Option<&str>,
     ) -> Result<PathAndQuery, InvalidUri> {
         let unchanged = |pq: &&PathAndQuery| {
-            self.upstream.base_path.is_empty()
+            judged.is_none()
+                && self.upstream.base_path.is_empty()
                 && (!self.strip_prefix || self.prefix == "/")
                 && !pq.query().is_some_and(|q| q.contains("access_token"))
         };
@@ -62,6 +71,7 @@ impl Route {
             Some(pq) => Ok(pq.clone()),
             None => {
                 let (path, query) = original.map_or(("/", None), |pq| (pq.path(), pq.query()));
+                let path = judged.unwrap_or(path);
                 PathAndQuery::try_from(self.upstream_path_and_query(path, query))
             }
         }
@@ -247,9 +257,10 @@ mod tests {
         );
         let r = t.find(None, "/x").unwrap();
         let pq = PathAndQuery::from_static("/x?a=1");
-        assert_eq!(r.upstream_target(Some(&pq)).unwrap(), "/x?a=1");
+        assert_eq!(r.upstream_target(Some(&pq), None).unwrap(), "/x?a=1");
+        assert_eq!(r.upstream_target(Some(&pq), Some("/y")).unwrap(), "/y?a=1");
         let pq = PathAndQuery::from_static("/x?access_token=t&a=1");
-        assert_eq!(r.upstream_target(Some(&pq)).unwrap(), "/x?a=1");
-        assert_eq!(r.upstream_target(None).unwrap(), "/");
+        assert_eq!(r.upstream_target(Some(&pq), None).unwrap(), "/x?a=1");
+        assert_eq!(r.upstream_target(None, None).unwrap(), "/");
     }
 }

@@ -1,34 +1,31 @@
 //! The hyper service of the proxy: one struct, the request phases as plain functions.
 
+use super::body::{body_timeout_in, ProxyBody, TimedBody};
 use super::error::{Fault, ProxyError};
 use super::forward::UpstreamClient;
-use super::headers::{forwarded_for, remove_hop_by_hop};
+use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
 use super::inspect::{inspect, Inspected};
+use super::path::{self, PathError};
 use super::route::{Route, RouteTable};
-use super::upgrade;
+use super::upgrade::{self, TunnelParts};
+use crate::config::ServerConfig;
 use crate::identity::Rejection;
+use crate::server::conn::ClientConn;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::upgrade::OnUpgrade;
+use ipnet::IpNet;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The body of every request and response the proxy passes on: streamed as received, or a
-/// small body of its own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
-
-const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// The state shared by every connection: routes, the upstream client and the limits.
 pub struct Proxy {
@@ -37,31 +34,41 @@ pub struct Proxy {
     upstream_timeout: Duration,
     token_wait: Duration,
     replay_body_limit: u64,
+    /// Bytes of replay bodies that may still be kept, all requests together.
+    replay_memory: Semaphore,
+    body_timeout: Duration,
+    max_uri_bytes: usize,
+    trusted_proxies: Vec<IpNet>,
+    tunnel_idle_timeout: Duration,
 }
 
 /// What is kept of a request so it can be sent once more with a fresh token.
-struct Replay {
+struct Replay<'a> {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+    /// Its share of `server.replay_memory`, given back with it.
+    _budget: SemaphorePermit<'a>,
 }
 
 impl Proxy {
-    /// Creates the proxy from its routes and upstream client.
-    pub fn new(
-        routes: RouteTable,
-        client: UpstreamClient,
-        upstream_timeout: Duration,
-        token_wait: Duration,
-        replay_body_limit: u64,
-    ) -> Proxy {
+    /// Creates the proxy from its routes, its upstream client and the `[server]` limits.
+    pub fn new(routes: RouteTable, client: UpstreamClient, server: &ServerConfig) -> Proxy {
+        let replay_memory = usize::try_from(server.replay_memory)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         Proxy {
             routes,
             client,
-            upstream_timeout,
-            token_wait,
-            replay_body_limit,
+            upstream_timeout: server.upstream_timeout,
+            token_wait: server.token_wait,
+            replay_body_limit: server.replay_body_limit,
+            replay_memory: Semaphore::new(replay_memory),
+            body_timeout: server.body_timeout,
+            max_uri_bytes: server.max_uri_bytes,
+            trusted_proxies: server.trusted_proxies.clone(),
+            tunnel_idle_timeout: server.tunnel_idle_timeout,
         }
     }
 
@@ -74,11 +81,11 @@ impl Proxy {
     pub async fn handle(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        client: &ProxyService,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = request.method().clone();
-        match self.handle_inner(request, peer).await {
+        match self.handle_inner(request, client).await {
             Ok((response, route)) => {
                 tracing::debug!(
                     http.method = %method, route = %route.name, upstream = %route.upstream,
@@ -91,15 +98,16 @@ impl Proxy {
                 let (status, code, fault) = error.classify();
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
                 let chain = crate::identity::error_chain(&error);
+                let peer = client.address.ip();
                 match fault {
                     Fault::Client => {
-                        tracing::debug!(http.method = %method, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
+                        tracing::debug!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
                     }
                     Fault::Upstream | Fault::Identity => {
-                        tracing::warn!(http.method = %method, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+                        tracing::warn!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
                     }
                     Fault::Proxy => {
-                        tracing::error!(http.method = %method, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+                        tracing::error!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
                     }
                 }
                 error.to_response()
@@ -110,23 +118,59 @@ impl Proxy {
     async fn handle_inner(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        client: &ProxyService,
     ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
         // Request filter.
-        if request.method() == Method::CONNECT {
-            return Err(ProxyError::Connect);
+        match *request.method() {
+            Method::CONNECT => return Err(ProxyError::Connect),
+            Method::TRACE => return Err(ProxyError::Trace),
+            _ => {}
         }
-        let host = request_host(&request);
+        let target_len = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |pq| pq.as_str().len());
+        if target_len > self.max_uri_bytes {
+            return Err(ProxyError::UriTooLong);
+        }
+        let host_header = checked_host(&request)?;
+        let host = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| host_header.and_then(|h| h.to_str().ok()));
         let absolute_form = request.version() < Version::HTTP_2 && request.uri().scheme().is_some();
         if absolute_form && !host.is_some_and(|h| self.routes.names_host(h)) {
             return Err(ProxyError::ForeignHost);
         }
+        let judged = path::judge(request.uri().path()).map_err(ProxyError::BadPath)?;
 
-        // Pick upstream.
+        // Pick upstream: by the judged path, which must name the same route as the path
+        // before its dot segments were removed.
         let route = self
             .routes
-            .find(host, request.uri().path())
+            .find(host, &judged.path)
             .ok_or(ProxyError::NoRoute)?;
+        if judged.encoded_slash && !route.allow_encoded_slashes {
+            return Err(ProxyError::BadPath(PathError::EncodedSlash));
+        }
+        if let Some(before) = &judged.before_dots {
+            if !self
+                .routes
+                .find(host, before)
+                .is_some_and(|r| std::ptr::eq(r, route))
+            {
+                return Err(ProxyError::BadPath(PathError::EscapesRoute));
+            }
+        }
+        let judged_path = match judged.path {
+            std::borrow::Cow::Owned(path) => Some(path),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        let forwarded_host = host_header.cloned().or_else(|| {
+            let authority = request.uri().authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
 
         // Token: the ready-made header, or a short wait while one is being fetched.
         let sent = match route.account.usable_header() {
@@ -143,58 +187,99 @@ impl Proxy {
 
         // Rewrite.
         let (mut parts, body) = request.into_parts();
-        let upgrade = upgrade::requested(&parts.headers);
-        rewrite(&mut parts, route, peer)?;
-        let client_upgrade = match upgrade {
+        let upgrade = upgrade::requested(&parts.headers, &route.upgrades);
+        rewrite(&mut parts, route, judged_path.as_deref())?;
+        client
+            .address
+            .set_forwarding_headers(&mut parts.headers, forwarded_host);
+        let client_upgrade = match &upgrade {
             Some(protocol) => {
-                upgrade::keep_upgrade_headers(&mut parts.headers, protocol);
+                upgrade::keep_upgrade_headers(&mut parts.headers, protocol.clone());
                 parts.extensions.remove::<OnUpgrade>()
             }
             None => None,
         };
-        // A small body is kept, so the request can be replayed after a token rejection.
-        let (body, replay) = if route.replay && client_upgrade.is_none() && self.fits(&body) {
-            let kept = Limited::new(body, self.replay_body_limit as usize)
+        // A small body is kept, within the global budget, so the request can be replayed
+        // after a token rejection; otherwise it streams, its gaps bounded.
+        let budget = (route.replay && client_upgrade.is_none())
+            .then(|| self.replay_budget(&body))
+            .flatten();
+        let (body, replay) = match budget {
+            Some(budget) => {
+                let kept = Limited::new(
+                    TimedBody::new(body, self.body_timeout),
+                    self.replay_body_limit as usize,
+                )
                 .collect()
                 .await
-                .map_err(ProxyError::ClientBody)?
+                .map_err(|error| match body_timeout_in(&*error) {
+                    Some(gap) => ProxyError::BodyTimeout(gap),
+                    None => ProxyError::ClientBody(error),
+                })?
                 .to_bytes();
-            let replay = Replay {
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                headers: parts.headers.clone(),
-                body: kept.clone(),
-            };
-            (Either::Right(Full::new(kept)), Some(replay))
-        } else {
-            (Either::Left(body), None)
+                let replay = Replay {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    headers: parts.headers.clone(),
+                    body: kept.clone(),
+                    _budget: budget,
+                };
+                (ProxyBody::full(kept), Some(replay))
+            }
+            None if body.is_end_stream() => (ProxyBody::Streamed(body), None),
+            None => (
+                ProxyBody::Timed(TimedBody::new(body, self.body_timeout)),
+                None,
+            ),
         };
         parts.headers.insert(header::AUTHORIZATION, sent.clone());
 
         // Forward.
         let response = self.forward(Request::from_parts(parts, body)).await?;
-        if let Some(client) = client_upgrade {
-            let response = upgrade::tunnel(response, client, route.account.clone(), sent);
+        if let (Some(on_upgrade), Some(asked)) = (client_upgrade, &upgrade) {
+            let tunnel = TunnelParts {
+                account: route.account.clone(),
+                sent,
+                conn: client.conn.clone(),
+                idle_timeout: self.tunnel_idle_timeout,
+            };
+            let response = upgrade::tunnel(response, on_upgrade, asked, tunnel);
             return Ok((response, route));
+        }
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ProxyError::UpstreamSwitched);
         }
 
         // Response filter.
-        let response = match inspect(response).await? {
+        let mut response = match inspect(response).await? {
             Inspected::Pass(response) => response,
             Inspected::Rejected(original) => {
                 self.after_rejection(route, sent, original, replay).await?
             }
         };
+        // The proxy alone decides how its client connection carries on.
+        remove_hop_by_hop(response.headers_mut());
         Ok((response, route))
     }
 
-    /// Tells whether a request body is small enough to keep for a replay.
-    fn fits(&self, body: &Incoming) -> bool {
-        body.is_end_stream()
-            || body
-                .size_hint()
+    /// Takes the share of `server.replay_memory` a request body needs to be kept: `None`
+    /// if it is too large, of unknown length, or the budget is spent.
+    fn replay_budget(&self, body: &Incoming) -> Option<SemaphorePermit<'_>> {
+        let size = if body.is_end_stream() {
+            0
+        } else {
+            body.size_hint()
                 .upper()
-                .is_some_and(|n| n <= self.replay_body_limit)
+                .filter(|n| *n <= self.replay_body_limit)?
+        };
+        let permit = self.replay_memory.try_acquire_many(size as u32).ok();
+        if permit.is_none() {
+            tracing::debug!(
+                bytes = size,
+                "server.replay_memory is spent: the request streams and cannot be replayed"
+            );
+        }
+        permit
     }
 
     /// Sends a request upstream and waits, bounded, for the response head.
@@ -203,7 +288,9 @@ impl Proxy {
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(self.upstream_timeout))?
             .map_err(|e| {
-                if e.is_connect() {
+                if let Some(gap) = body_timeout_in(&e) {
+                    ProxyError::BodyTimeout(gap)
+                } else if e.is_connect() {
                     ProxyError::UpstreamConnect(e)
                 } else {
                     ProxyError::Upstream(e)
@@ -218,7 +305,7 @@ impl Proxy {
         route: &Route,
         sent: HeaderValue,
         original: Response<ProxyBody>,
-        replay: Option<Replay>,
+        replay: Option<Replay<'_>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let account = &route.account;
         if account.reject(&sent) == Rejection::Held {
@@ -232,7 +319,7 @@ impl Proxy {
             _ => return Ok(original),
         };
         drop(original);
-        let mut request = Request::new(Either::Right(Full::new(replay.body)));
+        let mut request = Request::new(ProxyBody::full(replay.body));
         *request.method_mut() = replay.method;
         *request.uri_mut() = replay.uri;
         *request.headers_mut() = replay.headers;
@@ -251,21 +338,30 @@ impl Proxy {
     }
 }
 
-/// Rewrites the request head for the upstream: target, hop-by-hop and credential headers
-/// removed, `X-Forwarded-*` set. The token is inserted by the caller.
+/// Returns the request's `Host` header, refusing what RFC 9112 §3.2 says a server must:
+/// an HTTP/1.1 request without one, more than one, or one that is not a valid host.
+fn checked_host<B>(request: &Request<B>) -> Result<Option<&HeaderValue>, ProxyError> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() || host.is_some_and(|h| !is_valid_host(h.as_bytes())) {
+        return Err(ProxyError::BadHost);
+    }
+    if host.is_none() && request.version() == Version::HTTP_11 {
+        return Err(ProxyError::BadHost);
+    }
+    Ok(host)
+}
+
+/// Rewrites the request head for the upstream: target (the judged path, if judging changed
+/// it), hop-by-hop and credential headers removed. The forwarding headers and the token are
+/// set by the caller.
 fn rewrite(
     parts: &mut http::request::Parts,
     route: &Route,
-    peer: SocketAddr,
+    judged_path: Option<&str>,
 ) -> Result<(), ProxyError> {
-    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
     let path_and_query = route
-        .upstream_target(parts.uri.path_and_query())
+        .upstream_target(parts.uri.path_and_query(), judged_path)
         .map_err(|e| ProxyError::BadTarget(e.into()))?;
     parts.uri = Uri::builder()
         .scheme(route.upstream.scheme.clone())
@@ -277,37 +373,29 @@ fn rewrite(
     remove_hop_by_hop(headers);
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
-    let xff = forwarded_for(headers.get(X_FORWARDED_FOR), peer.ip());
-    headers.insert(X_FORWARDED_FOR, xff);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = original_host {
-        headers.insert(X_FORWARDED_HOST, host);
-    }
     // The upstream connection picks its own version (ALPN); hyper sets Host from the URI.
     parts.version = Version::HTTP_11;
     Ok(())
-}
-
-/// The host a request is for: the URI's authority (absolute form, HTTP/2) or `Host`.
-fn request_host<B>(request: &Request<B>) -> Option<&str> {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| request.headers().get(header::HOST)?.to_str().ok())
 }
 
 /// One connection's view of the proxy, as hyper calls it.
 #[derive(Clone)]
 pub struct ProxyService {
     proxy: Arc<Proxy>,
-    peer: SocketAddr,
+    conn: Arc<ClientConn>,
+    /// Made once per connection, so requests only clone it.
+    address: Arc<ClientAddress>,
 }
 
 impl ProxyService {
-    /// Creates the service for a connection from `peer`.
-    pub fn new(proxy: Arc<Proxy>, peer: SocketAddr) -> ProxyService {
-        ProxyService { proxy, peer }
+    /// Creates the service for the client connection `conn`.
+    pub fn new(proxy: Arc<Proxy>, conn: Arc<ClientConn>) -> ProxyService {
+        let address = Arc::new(ClientAddress::new(conn.peer().ip(), &proxy.trusted_proxies));
+        ProxyService {
+            proxy,
+            conn,
+            address,
+        }
     }
 }
 
@@ -317,10 +405,10 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let proxy = self.proxy.clone();
-        let peer = self.peer;
+        let service = self.clone();
         Box::pin(async move {
-            Ok(answer_or_500(async move { proxy.handle(request, peer).await }).await)
+            let handling = async { service.proxy.handle(request, &service).await };
+            Ok(answer_or_500(handling).await)
         })
     }
 }

@@ -2,31 +2,41 @@
 //! reader of the upstream's frames that notices a close with code 4403, Mosaic's way of
 //! saying the token expired.
 
+use super::body::ProxyBody;
 use super::headers::remove_hop_by_hop;
-use super::service::ProxyBody;
 use crate::identity::Account;
+use crate::server::conn::ClientConn;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The close code a Mosaic service sends when the token of a subscription expired.
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4403;
 
-/// Returns the protocol a request asks to upgrade to, if it asks (`Connection: upgrade`).
-pub fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
+/// Returns the protocol a request asks to upgrade to (`Connection: upgrade` and one
+/// `Upgrade` protocol), if it asks and `allowed` (lower-case names) holds it.
+pub fn requested(headers: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+    let mut offered = headers.get_all(header::UPGRADE).iter();
+    let protocol = offered
+        .next()
+        .filter(|_| asks && offered.next().is_none())?;
+    let name = protocol.to_str().ok()?.trim();
+    allowed
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(name))
+        .then(|| protocol.clone())
 }
 
 /// Puts back the two hop-by-hop headers an upgrade needs on the next hop.
@@ -35,48 +45,74 @@ pub fn keep_upgrade_headers(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-/// Answers the client with the upstream's answer; on `101 Switching Protocols`, splices the
-/// two upgraded connections together in the background.
+/// What a tunnel needs besides its two ends.
+pub struct TunnelParts {
+    pub account: Arc<Account>,
+    /// The token the upgrade request carried.
+    pub sent: HeaderValue,
+    /// The client connection, whose place under `max_connections` the tunnel keeps.
+    pub conn: Arc<ClientConn>,
+    /// The tunnel ends when no byte moves either way for this long.
+    pub idle_timeout: Duration,
+}
+
+/// Answers the client with the upstream's answer; on `101 Switching Protocols` for the
+/// protocol asked for, splices the two upgraded connections together in the background.
 pub fn tunnel(
     mut response: Response<Incoming>,
     client: OnUpgrade,
-    account: Arc<Account>,
-    sent: HeaderValue,
+    asked: &HeaderValue,
+    tunnel: TunnelParts,
 ) -> Response<ProxyBody> {
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let upstream = switching.then(|| hyper::upgrade::on(&mut response));
     let (mut parts, body) = response.into_parts();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
     remove_hop_by_hop(&mut parts.headers);
-    if let (Some(upstream), Some(protocol)) = (upstream, protocol) {
-        keep_upgrade_headers(&mut parts.headers, protocol);
-        tokio::spawn(async move {
-            match tokio::try_join!(client, upstream) {
-                Ok((client, upstream)) => {
-                    splice(
-                        TokioIo::new(client),
-                        TokioIo::new(upstream),
-                        &account,
-                        &sent,
-                    )
-                    .await
+    let agreed = protocol.filter(|p| p.as_bytes().eq_ignore_ascii_case(asked.as_bytes()));
+    match (upstream, agreed) {
+        (Some(upstream), Some(protocol)) => {
+            keep_upgrade_headers(&mut parts.headers, protocol);
+            tokio::spawn(async move {
+                match tokio::try_join!(client, upstream) {
+                    Ok((client, upstream)) => {
+                        splice(TokioIo::new(client), TokioIo::new(upstream), &tunnel).await
+                    }
+                    Err(error) => tracing::debug!(%error, "an upgrade did not complete"),
                 }
-                Err(error) => tracing::debug!(%error, "an upgrade did not complete"),
-            }
-        });
+            });
+        }
+        (Some(_), None) => {
+            // A switch to something other than what was asked: nothing is tunnelled.
+            tracing::warn!("the upstream switched to a protocol the client did not ask for");
+            parts.status = StatusCode::BAD_GATEWAY;
+            return Response::from_parts(parts, ProxyBody::full(""));
+        }
+        (None, _) => {}
     }
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(parts, ProxyBody::Streamed(body))
 }
 
 async fn splice(
     client: impl AsyncRead + AsyncWrite,
     upstream: impl AsyncRead + AsyncWrite,
-    account: &Account,
-    sent: &HeaderValue,
+    tunnel: &TunnelParts,
 ) {
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let up = tokio::io::copy(&mut client_read, &mut upstream_write);
+    // Moves of bytes either way, so that an idle tunnel can be told from a busy one.
+    let moved = AtomicU64::new(0);
+    let up = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = client_read.read(&mut buf).await?;
+            if n == 0 {
+                return upstream_write.shutdown().await;
+            }
+            moved.fetch_add(1, Relaxed);
+            upstream_write.write_all(&buf[..n]).await?;
+        }
+    };
     let down = async {
         let mut watcher = CloseWatcher::default();
         let mut buf = vec![0u8; 16 * 1024];
@@ -85,16 +121,30 @@ async fn splice(
             if n == 0 {
                 return client_write.shutdown().await;
             }
+            moved.fetch_add(1, Relaxed);
             if watcher.feed(&buf[..n]) == Some(CLOSE_TOKEN_EXPIRED) {
                 // The client will reconnect; make sure a fresh token awaits it.
-                account.reject(sent);
+                tunnel.account.reject(&tunnel.sent);
             }
             client_write.write_all(&buf[..n]).await?;
         }
     };
+    let idle = async {
+        let mut seen = None;
+        loop {
+            tokio::time::sleep(tunnel.idle_timeout).await;
+            let now = moved.load(Relaxed);
+            if seen == Some(now) {
+                return;
+            }
+            seen = Some(now);
+        }
+    };
+    let peer = tunnel.conn.peer();
     tokio::select! {
-        result = up => if let Err(error) = result { tracing::debug!(%error, "upgraded connection ended") },
-        result = down => if let Err(error) = result { tracing::debug!(%error, "upgraded connection ended") },
+        result = up => if let Err(error) = result { tracing::debug!(%peer, %error, "upgraded connection ended") },
+        result = down => if let Err(error) = result { tracing::debug!(%peer, %error, "upgraded connection ended") },
+        () = idle => tracing::debug!(%peer, "upgraded connection closed: nothing moved for server.tunnel_idle_timeout"),
     }
 }
 
@@ -252,9 +302,20 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        let allowed = ["websocket".to_owned()];
+        assert_eq!(requested(&h, &allowed).unwrap(), "WebSocket");
+        assert!(requested(&h, &[]).is_none(), "no protocol allowed");
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(requested(&h, &allowed).is_none(), "h2c is not tunnelled");
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert_eq!(requested(&h).unwrap(), "websocket");
+        h.append(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(
+            requested(&h, &allowed).is_none(),
+            "one protocol, not a choice"
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        assert!(requested(&h).is_none());
+        assert!(requested(&h, &allowed).is_none());
     }
 }

@@ -35,6 +35,9 @@ pub fn json(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> http::Re
     response
 }
 
+/// Connections a stand-in serves at once.
+const STAND_IN_MAX_CONNECTIONS: usize = 4096;
+
 /// Serves a stand-in: each request is answered by `answer` with the shared `state`.
 async fn serve_stand_in<S, F, Fut>(
     listener: tokio::net::TcpListener,
@@ -50,12 +53,17 @@ async fn serve_stand_in<S, F, Fut>(
         + 'static,
     Fut: std::future::Future<Output = Result<http::Response<StubBody>, BoxError>> + Send + 'static,
 {
+    let limits = crate::config::ConnectionLimits {
+        max_connections: Some(STAND_IN_MAX_CONNECTIONS),
+        ..Default::default()
+    };
     crate::server::serve(
         listener,
         move |_| {
             let state = state.clone();
             hyper::service::service_fn(move |request| answer(state.clone(), request))
         },
+        limits,
         shutdown,
         std::time::Duration::from_secs(1),
     )

@@ -56,7 +56,10 @@ async fn the_upstream_receives_exactly_the_injected_token_and_none_of_the_client
         assert!(!seen.headers.contains_key(gone), "{gone} was forwarded");
     }
     assert_eq!(seen.headers["x-end-to-end"], "kept");
-    assert_eq!(seen.headers["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+    // A client of its own is not trusted to name earlier hops.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-real-ip"], "127.0.0.1");
+    assert_eq!(seen.headers["forwarded"], "for=127.0.0.1;proto=http");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(
         seen.headers["x-forwarded-host"],

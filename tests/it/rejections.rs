@@ -113,6 +113,7 @@ async fn an_http_401_is_a_rejection_too() {
                 }
             })
         },
+        Default::default(),
         signal,
         Duration::from_secs(1),
     ));

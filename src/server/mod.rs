@@ -1,0 +1,239 @@
+//! The accept loop: HTTP/1.1 and HTTP/2 (prior knowledge) on one port, every client
+//! connection bounded in number, in time and in what it may buffer, and a graceful and
+//! bounded shutdown.
+//!
+//! Each connection runs in its own task beside a [`watchdog`] that ends it when it sends no
+//! request head within `header_timeout` of the accept (HTTP/2: preface and first stream
+//! alike), has no request in flight for `idle_timeout`, or leaves an answer unread for
+//! `write_timeout`. hyper bounds the head itself (size, count, and time once the first byte
+//! is in) and, for HTTP/2, the streams and flow-control windows.
+
+pub mod conn;
+pub mod watchdog;
+
+use crate::config::ConnectionLimits;
+use crate::shutdown::Shutdown;
+use conn::{ClientConn, Counted};
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use watchdog::{Timeouts, Verdict, Watchdog};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// File descriptors kept free of client connections for the identity service, the admin
+/// listener, secret files and the like.
+const RESERVED_FDS: u64 = 128;
+/// The most connections a derived `max_connections` allows.
+const MAX_DERIVED_CONNECTIONS: u64 = 65_536;
+/// How often a repeated warning (connections refused, accept failing) is written at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Returns the default `server.max_connections`: half the open-file limit less a reserve,
+/// since every client connection may hold an upstream connection as well.
+pub fn derived_max_connections() -> usize {
+    #[cfg(unix)]
+    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+    #[cfg(not(unix))]
+    let soft = 1024;
+    (soft.saturating_sub(RESERVED_FDS) / 2).clamp(16, MAX_DERIVED_CONNECTIONS) as usize
+}
+
+/// Raises the soft open-file limit to the hard one, as servers do at start; returns it.
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    return rlimit::increase_nofile_limit(u64::MAX).ok();
+    #[cfg(not(unix))]
+    None
+}
+
+/// Serves `listener` until `shutdown`, with a service made per connection by `make`; then
+/// lets requests in flight finish for up to `grace` and drops the rest.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    make: impl Fn(&Arc<ClientConn>) -> S,
+    limits: ConnectionLimits,
+    mut shutdown: Shutdown,
+    grace: Duration,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let builder = builder(&limits);
+    let max_connections = limits
+        .max_connections
+        .unwrap_or_else(derived_max_connections);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let timeouts = Timeouts {
+        header: limits.header_timeout,
+        idle: limits.idle_timeout,
+        write: limits.write_timeout,
+    };
+    // Every connection task holds a receiver; `closed` tells when the last one ended.
+    let (running, running_rx) = watch::channel(());
+    let mut refused = Throttle::default();
+    let mut accept_failed = Throttle::default();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    if let Some(more) = accept_failed.note() {
+                        tracing::warn!(%error, repeated = more, "accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(more) = refused.note() {
+                tracing::warn!(
+                    %peer, max_connections, repeated = more,
+                    "connection refused: server.max_connections are in use"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let client = Arc::new(ClientConn::new(peer, Some(slot)));
+        let service = Counted::new(make(&client), client.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(drive(
+            connection,
+            client,
+            timeouts,
+            shutdown.clone(),
+            grace,
+            running_rx.clone(),
+        ));
+    }
+    drop(listener);
+    drop(running_rx);
+    if tokio::time::timeout(grace, running.closed()).await.is_err() {
+        tracing::warn!(
+            grace_s = grace.as_secs_f32(),
+            "requests still in flight after the shutdown grace period were dropped"
+        );
+    }
+}
+
+fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .initial_stream_window_size(limits.h2_stream_window)
+        .initial_connection_window_size(limits.h2_connection_window)
+        .max_send_buf_size(limits.h2_stream_window as usize)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    builder
+}
+
+type Connection<S> = auto::UpgradeableConnection<'static, TokioIo<TcpStream>, S, TokioExecutor>;
+
+/// Drives one connection under its watchdog until it ends, is ended, or shutdown has
+/// waited `grace` for it.
+async fn drive<S, B>(
+    connection: Connection<Counted<S>>,
+    client: Arc<ClientConn>,
+    timeouts: Timeouts,
+    mut shutdown: Shutdown,
+    grace: Duration,
+    _running: watch::Receiver<()>,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let peer = client.peer();
+    let mut connection = std::pin::pin!(connection);
+    let mut watchdog = Watchdog::new(timeouts, Instant::now());
+    let mut next = Instant::now();
+    // Once a graceful close has begun: when the connection is dropped regardless.
+    let mut closing: Option<Instant> = None;
+    loop {
+        let wake = closing.map_or(next, |deadline| deadline.min(next));
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(error) = ended {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.wait(), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some(Instant::now() + grace);
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if closing.is_some_and(|deadline| now >= deadline) {
+                    tracing::debug!(%peer, "connection dropped: it did not close in time");
+                    return;
+                }
+                match watchdog.check(client.snapshot(), now) {
+                    Verdict::CheckAt(at) => next = at,
+                    Verdict::Close(reason) => {
+                        tracing::debug!(%peer, reason = reason.as_str(), "closing connection");
+                        if closing.is_none() {
+                            connection.as_mut().graceful_shutdown();
+                            closing = Some(now + timeouts.header);
+                        }
+                        next = closing.unwrap_or(now);
+                    }
+                    Verdict::Drop(reason) => {
+                        tracing::debug!(%peer, reason = reason.as_str(), "connection dropped");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A warning that repeats is written at most once per [`WARN_EVERY`], with the count of
+/// the times in between.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// Notes one more occurrence; returns how many went unwritten if this one is to be written.
+    fn note(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now < last + WARN_EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
