@@ -136,6 +136,11 @@ impl App {
         self.admin_addr
     }
 
+    /// Returns the forwarding state shared by every connection.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.clone()
+    }
+
     /// Returns the accounts, whose readiness can be watched.
     pub fn accounts(&self) -> Arc<[Arc<Account>]> {
         self.accounts.clone()

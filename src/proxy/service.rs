@@ -77,6 +77,11 @@ impl Proxy {
         &self.routes
     }
 
+    /// Returns the bytes of `server.replay_memory` not held by kept bodies now.
+    pub fn replay_memory_free(&self) -> usize {
+        self.replay_memory.available_permits()
+    }
+
     /// Serves one request: forwards it, or answers with the failure's status and a short body.
     pub async fn handle(
         &self,
@@ -192,10 +197,13 @@ impl Proxy {
         client
             .address
             .set_forwarding_headers(&mut parts.headers, forwarded_host);
+        // The client's side of an upgrade never travels with the request; one that is not
+        // allowed is dropped here, so hyper closes rather than hands the connection over.
+        let on_upgrade = parts.extensions.remove::<OnUpgrade>();
         let client_upgrade = match &upgrade {
             Some(protocol) => {
                 upgrade::keep_upgrade_headers(&mut parts.headers, protocol.clone());
-                parts.extensions.remove::<OnUpgrade>()
+                on_upgrade
             }
             None => None,
         };

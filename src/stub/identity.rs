@@ -215,7 +215,8 @@ impl IdentityStub {
 
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
-        super::serve_stand_in(self.listener, self.state, answer, shutdown).await;
+        let connections = Default::default();
+        super::serve_stand_in(self.listener, self.state, answer, connections, shutdown).await;
     }
 }
 

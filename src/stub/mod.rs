@@ -38,11 +38,52 @@ pub fn json(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> http::Re
 /// Connections a stand-in serves at once.
 const STAND_IN_MAX_CONNECTIONS: usize = 4096;
 
-/// Serves a stand-in: each request is answered by `answer` with the shared `state`.
+/// Counts a stand-in's connections: opened so far, and open now.
+#[derive(Debug, Default)]
+pub struct Connections {
+    opened: std::sync::atomic::AtomicU64,
+    open: std::sync::atomic::AtomicU64,
+}
+
+impl Connections {
+    /// Counts the connections accepted so far.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Counts the connections open now.
+    pub fn open(&self) -> u64 {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// One open connection of a stand-in, counted until it is dropped with its service.
+struct Open(std::sync::Arc<Connections>);
+
+impl Open {
+    fn new(connections: &std::sync::Arc<Connections>) -> Open {
+        use std::sync::atomic::Ordering::SeqCst;
+        connections.opened.fetch_add(1, SeqCst);
+        connections.open.fetch_add(1, SeqCst);
+        Open(connections.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Serves a stand-in: each request is answered by `answer` with the shared `state`; its
+/// connections are counted in `connections`.
 async fn serve_stand_in<S, F, Fut>(
     listener: tokio::net::TcpListener,
     state: std::sync::Arc<S>,
     answer: F,
+    connections: std::sync::Arc<Connections>,
     shutdown: crate::shutdown::Shutdown,
 ) where
     S: Send + Sync + 'static,
@@ -61,7 +102,11 @@ async fn serve_stand_in<S, F, Fut>(
         listener,
         move |_| {
             let state = state.clone();
-            hyper::service::service_fn(move |request| answer(state.clone(), request))
+            let open = Open::new(&connections);
+            hyper::service::service_fn(move |request| {
+                let _counted = &open;
+                answer(state.clone(), request)
+            })
         },
         limits,
         shutdown,

@@ -50,6 +50,7 @@ struct State {
     http: reqwest::Client,
     keys: Mutex<HashMap<String, (VerifyingKey, Instant)>>,
     counters: Counters,
+    connections: Arc<super::Connections>,
     last: Mutex<Option<Seen>>,
 }
 
@@ -76,6 +77,11 @@ impl UpstreamHandle {
     /// Counts requests refused for any other token problem.
     pub fn refused(&self) -> u64 {
         self.0.counters.refused.load(Ordering::SeqCst)
+    }
+
+    /// Counts the connections accepted so far, and open now.
+    pub fn connections(&self) -> &super::Connections {
+        &self.0.connections
     }
 
     /// Returns the last request seen.
@@ -123,6 +129,7 @@ impl MosaicUpstream {
                 http,
                 keys: Mutex::default(),
                 counters: Counters::default(),
+                connections: Arc::default(),
                 last: Mutex::default(),
             }),
         })
@@ -142,7 +149,8 @@ impl MosaicUpstream {
 
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
-        super::serve_stand_in(self.listener, self.state, answer, shutdown).await;
+        let connections = self.state.connections.clone();
+        super::serve_stand_in(self.listener, self.state, answer, connections, shutdown).await;
     }
 }
 

@@ -4,6 +4,7 @@ mod cli;
 mod config;
 mod faults;
 mod forwarding;
+mod hostile;
 mod lifecycle;
 mod logs;
 mod parser;

@@ -77,12 +77,18 @@ impl Stubs {
     /// A configuration with one account and one catch-all route; `identity` is added to
     /// the `[identity]` table, `rest` to the end.
     pub fn config(&self, identity: &str, rest: &str) -> String {
+        self.config_with_server("", identity, rest)
+    }
+
+    /// Like [`Stubs::config`], with `server` added to the `[server]` table.
+    pub fn config_with_server(&self, server: &str, identity: &str, rest: &str) -> String {
         format!(
             r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 token_wait = "3s"
+{server}
 
 [identity]
 origin = "{origin}"
@@ -115,6 +121,7 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub accounts: Arc<[Arc<Account>]>,
+    pub proxy: Arc<mosaic_auth_proxy::proxy::Proxy>,
     trigger: ShutdownTrigger,
 }
 
@@ -127,6 +134,7 @@ impl TestProxy {
             addr: app.local_addr(),
             admin: app.admin_addr().expect("tests configure an admin listener"),
             accounts: app.accounts(),
+            proxy: app.proxy(),
             trigger,
         };
         tokio::spawn(app.run(signal));
