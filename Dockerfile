@@ -2,6 +2,8 @@
 # Run:   docker run -p 8080:8080 -v $PWD/proxy.toml:/etc/mosaic-auth-proxy/proxy.toml:ro \
 #          -e MEDIA_CLIENT_SECRET mosaic-auth-proxy
 FROM rust:1-slim-bookworm AS build
+# jemalloc is built from source.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

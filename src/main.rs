@@ -16,6 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// jemalloc, purging freed memory in the background, gives memory back after a burst of
+/// connections; glibc's malloc kept all of it (`benches/hostile.py` measures both).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit status for a bad configuration or bad arguments (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when the proxy cannot start (BSD `EX_UNAVAILABLE`).
@@ -128,6 +133,9 @@ fn parse_permission(text: &str) -> Result<(String, Vec<String>), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(%error, "freed memory is not purged in the background");
+    }
     // Room for max_connections: servers raise the soft open-file limit to the hard one.
     if let Some(limit) = mosaic_auth_proxy::server::raise_open_file_limit() {
         tracing::debug!(open_files = limit, "open-file limit");

@@ -49,7 +49,7 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an upgraded connection (WebSocket) may carry no byte either way.
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// The largest request head (request line and headers), in bytes.
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 /// The most header fields a request may carry.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// The longest request target (path and query), in bytes.

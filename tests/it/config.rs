@@ -214,3 +214,75 @@ fn plain_http_to_a_remote_identity_service_warns_and_loopback_does_not() {
         );
     }
 }
+
+#[test]
+fn the_client_bounds_have_safe_defaults() {
+    let server = Config::parse(VALID, &env).unwrap().server;
+    let limits = &server.limits;
+    assert_eq!(
+        limits.max_connections, None,
+        "derived from the open-file limit"
+    );
+    assert_eq!(limits.header_timeout, Duration::from_secs(10));
+    assert_eq!(limits.idle_timeout, Duration::from_secs(60));
+    assert_eq!(limits.write_timeout, Duration::from_secs(60));
+    assert_eq!(server.body_timeout, Duration::from_secs(30));
+    assert_eq!(server.replay_memory, 64 * 1024 * 1024);
+    assert_eq!(limits.h2_max_concurrent_streams, 100);
+    assert!(server.trusted_proxies.is_empty());
+    let route = &Config::parse(VALID, &env).unwrap().routes[0];
+    assert_eq!(route.upgrades, ["websocket"]);
+    assert!(!route.allow_encoded_slashes);
+}
+
+#[test]
+fn bad_client_bounds_are_named_with_their_fix() {
+    let text = format!(
+        r#"
+[server]
+max_connections = 0
+header_timeout = "0s"
+idle_timeout = "never"
+h2_stream_window = 1048576
+h2_connection_window = 65535
+replay_body_limit = 65536
+replay_memory = 1024
+trusted_proxies = ["10.0.0.0/8", "not-a-network", "::1"]
+max_uri_bytes = 10
+{VALID}upgrades = ["websocket", "bad protocol"]
+"#
+    );
+    let e = errors(&text);
+    let found: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        found,
+        [
+            "server.max_connections",
+            "server.idle_timeout",
+            "server.trusted_proxies",
+            "server.max_uri_bytes",
+            "server.header_timeout",
+            "server.h2_connection_window",
+            "server.replay_memory",
+            "routes[0].upgrades",
+        ]
+    );
+    let text = e.to_string();
+    assert!(text.contains("\"not-a-network\""), "{text}");
+    assert!(text.contains("CIDR"), "{text}");
+}
+
+#[test]
+fn trusted_proxies_take_networks_and_single_addresses() {
+    let text = VALID.replace(
+        "[[routes]]",
+        "[server]\ntrusted_proxies = [\"10.1.2.3/8\", \"::1\", \"192.0.2.7\"]\n[[routes]]",
+    );
+    let server = Config::parse(&text, &env).unwrap().server;
+    let nets: Vec<String> = server
+        .trusted_proxies
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.0.2.7/32"]);
+}
