@@ -446,6 +446,23 @@ async fn an_overlong_request_target_is_answered_414() {
     assert_eq!(h.stubs.upstream.requests(), 0);
 }
 
+#[tokio::test]
+async fn oversized_heads_are_answered_431() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy = proxy_with(&stubs, "max_header_bytes = 8192\nmax_headers = 10", "").await;
+    let big = format!(
+        "GET /whoami HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    let many: String = (0..11).map(|i| format!("X-{i}: v\r\n")).collect();
+    let many = format!("GET /whoami HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+    for head in [big, many] {
+        let answer = raw(proxy.addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    }
+    assert_eq!(stubs.upstream.requests(), 0);
+}
+
 // ---- headers -----------------------------------------------------------------------------
 
 const HOP_BY_HOP_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: close, X-Internal\r\n\
