@@ -4,6 +4,7 @@ use crate::config::{Config, ConnectionLimits, SecretSource};
 use crate::identity::refresher::{keep_fresh, watch_secret_file, Policies};
 use crate::identity::{Account, IdentityClient};
 use crate::proxy::forward::upstream_client;
+use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
 use crate::server::{derived_max_connections, serve};
 use crate::shutdown::Shutdown;
@@ -82,14 +83,28 @@ impl App {
                 ))
             })
             .collect();
+        let origin = |r: &crate::config::RouteConfig| {
+            format!("{}://{}", r.upstream.scheme, r.upstream.authority)
+        };
+        let budgets = Budgets::new(config.routes.iter().map(|r| {
+            let max = r
+                .max_connections
+                .unwrap_or(config.server.upstream_max_connections);
+            (origin(r), max)
+        }));
         let routes = config
             .routes
             .iter()
-            .map(|r| Route::new(r, accounts[r.account].clone()))
+            .map(|r| {
+                let budget = budgets
+                    .get(&origin(r))
+                    .expect("every route's upstream has a budget");
+                Route::new(r, accounts[r.account].clone(), budget)
+            })
             .collect();
         let proxy = Arc::new(Proxy::new(
             RouteTable::new(routes),
-            upstream_client(tls, config.server.connect_timeout),
+            upstream_client(tls, config.server.connect_timeout, Arc::new(budgets)),
             &config.server,
         ));
         let mut limits = config.server.limits.clone();

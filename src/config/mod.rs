@@ -54,6 +54,13 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// The longest request target (path and query), in bytes.
 pub const DEFAULT_MAX_URI_BYTES: usize = 16 * 1024;
+/// Connections to one upstream (and requests in flight to it) at once, unless its route says.
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
+/// Forwarded requests one client connection may cancel within the window before it is told
+/// to calm down (HTTP/2 GOAWAY `ENHANCE_YOUR_CALM`).
+pub const DEFAULT_MAX_CANCELLED_STREAMS: u32 = 100;
+/// The window over which cancelled forwarded requests are counted.
+pub const DEFAULT_CANCELLED_STREAMS_WINDOW: Duration = Duration::from_secs(10);
 /// Concurrent streams one HTTP/2 client connection may open.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2 flow-control window of one stream: what a client may send ahead, per stream.
@@ -123,6 +130,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How long an upgraded connection may carry no byte either way.
     pub tunnel_idle_timeout: Duration,
+    /// Connections to an upstream at once, for routes that do not set their own.
+    pub upstream_max_connections: usize,
     /// What one client connection may hold.
     pub limits: ConnectionLimits,
 }
@@ -143,6 +152,9 @@ pub struct ConnectionLimits {
     pub h2_max_concurrent_streams: u32,
     pub h2_stream_window: u32,
     pub h2_connection_window: u32,
+    /// Forwarded requests a connection may cancel within `cancelled_streams_window`.
+    pub max_cancelled_streams: u32,
+    pub cancelled_streams_window: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -157,6 +169,8 @@ impl Default for ConnectionLimits {
             h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
             h2_stream_window: DEFAULT_H2_STREAM_WINDOW,
             h2_connection_window: DEFAULT_H2_CONNECTION_WINDOW,
+            max_cancelled_streams: DEFAULT_MAX_CANCELLED_STREAMS,
+            cancelled_streams_window: DEFAULT_CANCELLED_STREAMS_WINDOW,
         }
     }
 }
@@ -216,6 +230,8 @@ pub struct RouteConfig {
     pub allow_encoded_slashes: bool,
     /// The `Upgrade` protocols tunnelled (lower case); any other upgrade is stripped.
     pub upgrades: Vec<String>,
+    /// Connections to this route's upstream at once; `None`: `server.upstream_max_connections`.
+    pub max_connections: Option<usize>,
     /// Index into [`Config::accounts`].
     pub account: usize,
 }

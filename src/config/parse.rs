@@ -13,6 +13,10 @@ use super::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES,
     DEFAULT_REPLAY_MEMORY, DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
 };
+use super::{
+    DEFAULT_CANCELLED_STREAMS_WINDOW, DEFAULT_MAX_CANCELLED_STREAMS,
+    DEFAULT_UPSTREAM_MAX_CONNECTIONS,
+};
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
 use crate::identity::refresher::DEFAULT_SECRET_POLL;
@@ -48,6 +52,9 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             "h2_max_concurrent_streams",
             "h2_stream_window",
             "h2_connection_window",
+            "upstream_max_connections",
+            "max_cancelled_streams",
+            "cancelled_streams_window",
         ],
     );
     let listen = s
@@ -82,6 +89,13 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             DEFAULT_H2_CONNECTION_WINDOW.into(),
             (65_535, 64 * 1024 * 1024),
         ) as u32,
+        max_cancelled_streams: s.integer(
+            "max_cancelled_streams",
+            DEFAULT_MAX_CANCELLED_STREAMS.into(),
+            (1, 1_000_000),
+        ) as u32,
+        cancelled_streams_window: s
+            .duration("cancelled_streams_window", DEFAULT_CANCELLED_STREAMS_WINDOW),
     };
     let trusted_proxies = s
         .string_list("trusted_proxies")
@@ -121,6 +135,11 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             as usize,
         trusted_proxies,
         tunnel_idle_timeout: s.duration("tunnel_idle_timeout", DEFAULT_TUNNEL_IDLE_TIMEOUT),
+        upstream_max_connections: s.integer(
+            "upstream_max_connections",
+            DEFAULT_UPSTREAM_MAX_CONNECTIONS as u64,
+            (1, 100_000),
+        ) as usize,
         limits,
     };
     for (key, value) in [
@@ -131,6 +150,10 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
         ("header_timeout", config.limits.header_timeout),
         ("idle_timeout", config.limits.idle_timeout),
         ("write_timeout", config.limits.write_timeout),
+        (
+            "cancelled_streams_window",
+            config.limits.cancelled_streams_window,
+        ),
     ] {
         if value.is_zero() {
             s.error(key, "is zero", "use a positive duration such as \"30s\"");
@@ -493,6 +516,7 @@ pub(super) fn parse_routes(
                 "replay",
                 "allow_encoded_slashes",
                 "upgrades",
+                "max_connections",
                 "account",
             ],
         );
@@ -542,6 +566,9 @@ pub(super) fn parse_routes(
         let strip_prefix = s.bool("strip_prefix", false);
         let replay = s.bool("replay", true);
         let allow_encoded_slashes = s.bool("allow_encoded_slashes", false);
+        let max_connections = s
+            .typed_integer("max_connections", (1, 100_000))
+            .map(|n| n as usize);
         let upgrades = match s.string_list("upgrades") {
             None => vec!["websocket".to_owned()],
             Some(list) => {
@@ -589,6 +616,7 @@ pub(super) fn parse_routes(
                 replay,
                 allow_encoded_slashes,
                 upgrades,
+                max_connections,
                 account,
             });
         }

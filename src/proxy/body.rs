@@ -1,6 +1,7 @@
 //! The bodies the proxy passes on: streamed as received, streamed with a bound on the gaps
 //! between the client's bytes, or a small body held in memory.
 
+use super::upstream::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -16,8 +17,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every request and response the proxy passes on.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// Streamed as received.
+    /// Streamed as received from the client.
     Streamed(Incoming),
+    /// An upstream's answer, streamed as received.
+    Upstream(UpstreamBody),
     /// A client's body, streamed, that fails when the client pauses too long.
     Timed(TimedBody),
     /// Held in memory: a kept request body, an inspected answer, or the proxy's own.
@@ -41,6 +44,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Streamed(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             ProxyBody::Timed(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Full(body) => Pin::new(body)
                 .poll_frame(cx)
@@ -51,6 +55,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Streamed(body) => body.is_end_stream(),
+            ProxyBody::Upstream(body) => body.is_end_stream(),
             ProxyBody::Timed(body) => body.inner.is_end_stream(),
             ProxyBody::Full(body) => body.is_end_stream(),
         }
@@ -59,6 +64,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Streamed(body) => body.size_hint(),
+            ProxyBody::Upstream(body) => body.size_hint(),
             ProxyBody::Timed(body) => body.inner.size_hint(),
             ProxyBody::Full(body) => body.size_hint(),
         }

@@ -19,6 +19,8 @@ pub enum ProxyError {
     ForeignHost,
     #[error("TRACE is not served: it would echo the injected token back to the client")]
     Trace,
+    #[error("this connection cancelled too many forwarded requests; open a new one")]
+    Calmed,
     #[error("the request target is longer than server.max_uri_bytes")]
     UriTooLong,
     #[error("an HTTP/1.1 request needs exactly one valid Host header")]
@@ -46,11 +48,16 @@ pub enum ProxyError {
     UpstreamBody(#[source] BoxError),
     #[error("the upstream switched protocols for a request that asked for no upgrade")]
     UpstreamSwitched,
+    #[error("the upstream's {max} connections stayed busy for {}", humantime::format_duration(*.waited))]
+    UpstreamBusy { max: usize, waited: Duration },
     #[error("an internal error of the proxy")]
     Internal,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `Retry-After` when an upstream's connections are all busy: soon, they turn over quickly.
+const UPSTREAM_BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 /// Who caused a failure: decides the log level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +85,11 @@ impl ProxyError {
                 "trace_refused",
                 Fault::Client,
             ),
+            ProxyError::Calmed => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_cancellations",
+                Fault::Client,
+            ),
             ProxyError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long", Fault::Client),
             ProxyError::BadHost => (StatusCode::BAD_REQUEST, "bad_host", Fault::Client),
             ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path", Fault::Client),
@@ -94,6 +106,11 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_unreachable",
+                Fault::Upstream,
+            ),
+            ProxyError::UpstreamBusy { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_busy",
                 Fault::Upstream,
             ),
             ProxyError::UpstreamTimeout(_) => (
@@ -124,6 +141,9 @@ impl ProxyError {
                 body["reason"] = failure.to_string().into();
             }
             retry_after = Some(cause.retry_after_secs);
+        }
+        if let ProxyError::UpstreamBusy { .. } = self {
+            retry_after = Some(UPSTREAM_BUSY_RETRY_AFTER_SECS);
         }
         let mut response = Response::new(ProxyBody::full(body.to_string()));
         *response.status_mut() = status;

@@ -2,20 +2,27 @@
 //! the upstream offers it by ALPN, HTTP/2).
 
 use super::body::ProxyBody;
+use super::upstream::{BudgetedConnector, Budgets};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The client type of the forwarding path.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+pub type UpstreamClient = Client<BudgetedConnector<HttpsConnector<HttpConnector>>, ProxyBody>;
 
 /// How long an idle upstream connection is kept for reuse.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Builds the upstream client; `tls` verifies `https://` upstreams.
-pub fn upstream_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
+/// Builds the upstream client; `tls` verifies `https://` upstreams, `budgets` bounds the
+/// connections to each.
+pub fn upstream_client(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    budgets: Arc<Budgets>,
+) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -29,5 +36,5 @@ pub fn upstream_client(tls: rustls::ClientConfig, connect_timeout: Duration) -> 
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https)
+        .build(BudgetedConnector::new(https, budgets))
 }

@@ -3,10 +3,10 @@
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
+use super::upstream::UpstreamBody;
 use crate::mosaic;
 use http::{header, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 /// The largest answer read to look for a rejection; Mosaic's error replies are far smaller.
 pub const INSPECT_LIMIT: u64 = 16 * 1024;
@@ -21,12 +21,12 @@ pub enum Inspected {
 
 /// Judges an answer. Only a small, uncompressed JSON answer with status 200 is read (and then
 /// passed on from memory); every other answer streams through untouched.
-pub async fn inspect(response: Response<Incoming>) -> Result<Inspected, ProxyError> {
+pub async fn inspect(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
     if response.status() == StatusCode::UNAUTHORIZED {
-        return Ok(Inspected::Rejected(response.map(ProxyBody::Streamed)));
+        return Ok(Inspected::Rejected(response.map(ProxyBody::Upstream)));
     }
     if !may_be_rejection(&response) {
-        return Ok(Inspected::Pass(response.map(ProxyBody::Streamed)));
+        return Ok(Inspected::Pass(response.map(ProxyBody::Upstream)));
     }
     let (parts, body) = response.into_parts();
     let bytes = Limited::new(body, INSPECT_LIMIT as usize)
@@ -43,7 +43,7 @@ pub async fn inspect(response: Response<Incoming>) -> Result<Inspected, ProxyErr
     })
 }
 
-fn may_be_rejection(response: &Response<Incoming>) -> bool {
+fn may_be_rejection(response: &Response<UpstreamBody>) -> bool {
     let headers = response.headers();
     let json = headers
         .get(header::CONTENT_TYPE)

@@ -1,7 +1,8 @@
 //! The forwarding path. A request goes through named phases: request filter (refuse what
 //! this proxy never serves; judge the path, [`path`]), pick upstream ([`route`]), token, rewrite ([`headers`]), forward
 //! ([`forward`]), response filter ([`inspect`]: a token rejection leads to one refresh and at
-//! most one replay); upgraded connections are spliced by [`upgrade`]. [`error`] maps every
+//! most one replay); upgraded connections are spliced by [`upgrade`]; [`upstream`] keeps
+//! each upstream within its budget and its connections through cancellations. [`error`] maps every
 //! failure to one status by who is at fault.
 
 pub mod body;
@@ -13,6 +14,7 @@ pub mod path;
 pub mod route;
 pub mod service;
 pub mod upgrade;
+pub mod upstream;
 
 pub use body::ProxyBody;
 pub use error::ProxyError;

@@ -1,5 +1,6 @@
 //! Picking the route of a request: host first, then the longest path prefix.
 
+use super::upstream::Budget;
 use crate::config::{strip_port, RouteConfig, Upstream};
 use crate::identity::Account;
 use http::uri::{InvalidUri, PathAndQuery};
@@ -18,14 +19,16 @@ pub struct Route {
     pub allow_encoded_slashes: bool,
     /// The `Upgrade` protocols tunnelled, lower case.
     pub upgrades: Vec<String>,
+    /// The upstream's budget of requests and connections, shared by its routes.
+    pub budget: Arc<Budget>,
     pub account: Arc<Account>,
     /// `host/prefix`, for logs.
     pub name: String,
 }
 
 impl Route {
-    /// Creates a route from its configuration and the account it names.
-    pub fn new(config: &RouteConfig, account: Arc<Account>) -> Route {
+    /// Creates a route from its configuration, the account it names and its upstream's budget.
+    pub fn new(config: &RouteConfig, account: Arc<Account>, budget: Arc<Budget>) -> Route {
         let name = format!(
             "{}{}",
             config.host.as_deref().unwrap_or("*"),
@@ -39,6 +42,7 @@ impl Route {
             replay: config.replay,
             allow_encoded_slashes: config.allow_encoded_slashes,
             upgrades: config.upgrades.clone(),
+            budget,
             account,
             name,
         }
@@ -152,6 +156,9 @@ mod tests {
     fn table(routes: &str) -> RouteTable {
         let text = format!("[accounts.a]\nclient_id = \"a\"\nclient_secret_env = \"S\"\n{routes}");
         let config = Config::parse(&text, &|_| Some("s".into())).unwrap();
+        let budgets = crate::proxy::upstream::Budgets::new([(String::new(), 8)])
+            .get("")
+            .unwrap();
         let account = Arc::new(Account::new(
             "a",
             "a",
@@ -163,7 +170,7 @@ mod tests {
             config
                 .routes
                 .iter()
-                .map(|r| Route::new(r, account.clone()))
+                .map(|r| Route::new(r, account.clone(), budgets.clone()))
                 .collect(),
         )
     }

@@ -8,6 +8,7 @@ use super::inspect::{inspect, Inspected};
 use super::path::{self, PathError};
 use super::route::{Route, RouteTable};
 use super::upgrade::{self, TunnelParts};
+use super::upstream::{Exchange, UpstreamBody};
 use crate::config::ServerConfig;
 use crate::identity::Rejection;
 use crate::server::conn::ClientConn;
@@ -126,6 +127,9 @@ impl Proxy {
         client: &ProxyService,
     ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
         // Request filter.
+        if client.conn.is_calmed() {
+            return Err(ProxyError::Calmed);
+        }
         match *request.method() {
             Method::CONNECT => return Err(ProxyError::Connect),
             Method::TRACE => return Err(ProxyError::Trace),
@@ -243,7 +247,9 @@ impl Proxy {
         parts.headers.insert(header::AUTHORIZATION, sent.clone());
 
         // Forward.
-        let response = self.forward(Request::from_parts(parts, body)).await?;
+        let response = self
+            .forward(route, Request::from_parts(parts, body), client)
+            .await?;
         if let (Some(on_upgrade), Some(asked)) = (client_upgrade, &upgrade) {
             let tunnel = TunnelParts {
                 account: route.account.clone(),
@@ -262,7 +268,8 @@ impl Proxy {
         let mut response = match inspect(response).await? {
             Inspected::Pass(response) => response,
             Inspected::Rejected(original) => {
-                self.after_rejection(route, sent, original, replay).await?
+                self.after_rejection(route, sent, original, replay, client)
+                    .await?
             }
         };
         // The proxy alone decides how its client connection carries on.
@@ -290,20 +297,36 @@ impl Proxy {
         permit
     }
 
-    /// Sends a request upstream and waits, bounded, for the response head.
-    async fn forward(&self, request: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
-        tokio::time::timeout(self.upstream_timeout, self.client.request(request))
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout(self.upstream_timeout))?
-            .map_err(|e| {
-                if let Some(gap) = body_timeout_in(&e) {
-                    ProxyError::BodyTimeout(gap)
-                } else if e.is_connect() {
-                    ProxyError::UpstreamConnect(e)
-                } else {
-                    ProxyError::Upstream(e)
-                }
-            })
+    /// Sends a request upstream within the upstream's budget and waits, bounded, for the
+    /// response head.
+    async fn forward(
+        &self,
+        route: &Route,
+        request: Request<ProxyBody>,
+        client: &ProxyService,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let budget = &route.budget;
+        let Some(slot) = budget.request_slot(self.upstream_timeout).await else {
+            return Err(ProxyError::UpstreamBusy {
+                max: budget.max(),
+                waited: self.upstream_timeout,
+            });
+        };
+        let mut exchange = Exchange::new(self.client.request(request), slot, client.conn.clone());
+        let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
+        let Ok(answered) = answered else {
+            exchange.give_up();
+            return Err(ProxyError::UpstreamTimeout(self.upstream_timeout));
+        };
+        answered.map_err(|e| {
+            if let Some(gap) = body_timeout_in(&e) {
+                ProxyError::BodyTimeout(gap)
+            } else if e.is_connect() {
+                ProxyError::UpstreamConnect(e)
+            } else {
+                ProxyError::Upstream(e)
+            }
+        })
     }
 
     /// After an upstream refused the token `sent`: one shared refresh, then at most one
@@ -314,6 +337,7 @@ impl Proxy {
         sent: HeaderValue,
         original: Response<ProxyBody>,
         replay: Option<Replay<'_>>,
+        client: &ProxyService,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let account = &route.account;
         if account.reject(&sent) == Rejection::Held {
@@ -335,7 +359,7 @@ impl Proxy {
             .headers_mut()
             .insert(header::AUTHORIZATION, fresh.clone());
         tracing::debug!(route = %route.name, "replaying a refused request with a fresh token");
-        match inspect(self.forward(request).await?).await? {
+        match inspect(self.forward(route, request, client).await?).await? {
             Inspected::Pass(response) => Ok(response),
             Inspected::Rejected(response) => {
                 // Never a second replay; the breaker counts a fresh token refused.

@@ -4,11 +4,11 @@
 
 use super::body::ProxyBody;
 use super::headers::remove_hop_by_hop;
+use super::upstream::UpstreamBody;
 use crate::identity::Account;
 use crate::server::conn::ClientConn;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -59,7 +59,7 @@ pub struct TunnelParts {
 /// Answers the client with the upstream's answer; on `101 Switching Protocols` for the
 /// protocol asked for, splices the two upgraded connections together in the background.
 pub fn tunnel(
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     client: OnUpgrade,
     asked: &HeaderValue,
     tunnel: TunnelParts,
@@ -90,7 +90,7 @@ pub fn tunnel(
         }
         (None, _) => {}
     }
-    Response::from_parts(parts, ProxyBody::Streamed(body))
+    Response::from_parts(parts, ProxyBody::Upstream(body))
 }
 
 async fn splice(

@@ -10,10 +10,19 @@ use hyper::body::Incoming;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-use tokio::sync::OwnedSemaphorePermit;
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+/// How many forwarded requests a connection may cancel, and over what window.
+#[derive(Clone, Copy, Debug)]
+pub struct CancelBudget {
+    pub max: u32,
+    pub window: Duration,
+}
 
 /// One client connection: its peer, its counters, and its place under `max_connections`,
 /// which is given back when the last holder (the connection or an upgraded tunnel) lets go.
@@ -24,20 +33,67 @@ pub struct ClientConn {
     in_flight: AtomicUsize,
     pulls: AtomicU64,
     awaiting_reader: AtomicUsize,
+    cancel_budget: CancelBudget,
+    /// The current window's start and the forwarded requests cancelled in it.
+    cancelled: Mutex<(Instant, u32)>,
+    /// Over the cancel budget: no more requests are forwarded, the connection is ending.
+    calmed: AtomicBool,
+    calm: Notify,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl ClientConn {
     /// Creates the record of a connection from `peer` holding `slot`.
-    pub fn new(peer: SocketAddr, slot: Option<OwnedSemaphorePermit>) -> ClientConn {
+    pub fn new(
+        peer: SocketAddr,
+        slot: Option<OwnedSemaphorePermit>,
+        cancel_budget: CancelBudget,
+    ) -> ClientConn {
         ClientConn {
             peer,
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             pulls: AtomicU64::new(0),
             awaiting_reader: AtomicUsize::new(0),
+            cancel_budget,
+            cancelled: Mutex::new((Instant::now(), 0)),
+            calmed: AtomicBool::new(false),
+            calm: Notify::new(),
             _slot: slot,
         }
+    }
+
+    /// Notes that the client gave up on a request already forwarded upstream; past the
+    /// cancel budget, the connection is to calm down (see [`ClientConn::calm_requested`]).
+    pub fn note_cancelled(&self) {
+        let now = Instant::now();
+        let count = {
+            let mut window = self.cancelled.lock().unwrap_or_else(|e| e.into_inner());
+            if now >= window.0 + self.cancel_budget.window {
+                *window = (now, 0);
+            }
+            window.1 += 1;
+            window.1
+        };
+        if count > self.cancel_budget.max && !self.calmed.swap(true, Relaxed) {
+            self.calm.notify_one();
+        }
+    }
+
+    /// Tells whether the client cancelled too many forwarded requests: its new requests are
+    /// refused without being forwarded.
+    pub fn is_calmed(&self) -> bool {
+        self.calmed.load(Relaxed)
+    }
+
+    /// Resolves once the client has cancelled more than its budget.
+    pub async fn calm_requested(&self) {
+        self.calm.notified().await;
+    }
+
+    /// Returns the budget the client went over.
+    pub fn cancel_budget(&self) -> CancelBudget {
+        self.cancel_budget
     }
 
     /// Returns the client's address.

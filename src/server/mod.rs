@@ -9,11 +9,13 @@
 //! is in) and, for HTTP/2, the streams and flow-control windows.
 
 pub mod conn;
+pub mod goaway;
 pub mod watchdog;
 
 use crate::config::ConnectionLimits;
 use crate::shutdown::Shutdown;
-use conn::{ClientConn, Counted};
+use conn::{CancelBudget, ClientConn, Counted};
+use goaway::{CalmSwitch, ClientSocket};
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,7 +23,7 @@ use hyper_util::server::conn::auto;
 use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use watchdog::{Timeouts, Verdict, Watchdog};
@@ -80,6 +82,10 @@ pub async fn serve<S, B>(
         idle: limits.idle_timeout,
         write: limits.write_timeout,
     };
+    let cancel_budget = CancelBudget {
+        max: limits.max_cancelled_streams,
+        window: limits.cancelled_streams_window,
+    };
     // Every connection task holds a receiver; `closed` tells when the last one ended.
     let (running, running_rx) = watch::channel(());
     let mut refused = Throttle::default();
@@ -110,14 +116,17 @@ pub async fn serve<S, B>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let client = Arc::new(ClientConn::new(peer, Some(slot)));
+        let client = Arc::new(ClientConn::new(peer, Some(slot), cancel_budget));
         let service = Counted::new(make(&client), client.clone());
+        let switch = Arc::new(CalmSwitch::default());
+        let socket = ClientSocket::new(stream, switch.clone());
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(socket), service)
             .into_owned();
         tokio::spawn(drive(
             connection,
             client,
+            switch,
             timeouts,
             shutdown.clone(),
             grace,
@@ -153,13 +162,17 @@ fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-type Connection<S> = auto::UpgradeableConnection<'static, TokioIo<TcpStream>, S, TokioExecutor>;
+type Connection<S> = auto::UpgradeableConnection<'static, TokioIo<ClientSocket>, S, TokioExecutor>;
+
+/// How long a connection told to calm down may take to go.
+const CALM_CLOSE: Duration = Duration::from_secs(1);
 
 /// Drives one connection under its watchdog until it ends, is ended, or shutdown has
 /// waited `grace` for it.
 async fn drive<S, B>(
     connection: Connection<Counted<S>>,
     client: Arc<ClientConn>,
+    switch: Arc<CalmSwitch>,
     timeouts: Timeouts,
     mut shutdown: Shutdown,
     grace: Duration,
@@ -190,6 +203,18 @@ async fn drive<S, B>(
             _ = shutdown.wait(), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + grace);
+            }
+            () = client.calm_requested() => {
+                let budget = client.cancel_budget();
+                tracing::warn!(
+                    %peer, cancelled = budget.max + 1, window_s = budget.window.as_secs_f32(),
+                    "client cancelled too many forwarded requests: GOAWAY ENHANCE_YOUR_CALM"
+                );
+                // hyper's own GOAWAY is the write that carries ours out first.
+                switch.flip();
+                connection.as_mut().graceful_shutdown();
+                let deadline = Instant::now() + CALM_CLOSE;
+                closing = Some(closing.map_or(deadline, |c| c.min(deadline)));
             }
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();

@@ -1,0 +1,347 @@
+//! What the proxy may ask of each upstream, and what a request that its client abandons
+//! leaves behind.
+//!
+//! Each upstream (scheme and authority) has a budget of `max_connections`: that many
+//! requests in flight at once (a request waits for a place, bounded, then gets 503) and that
+//! many connections open (the connector waits for a place, so the bound holds even when a
+//! pooled connection comes back late). A request whose client goes away is not torn down
+//! with its upstream connection when that is cheap to avoid: the answer is awaited and a
+//! small rest read and discarded in the background, so the connection returns to the pool.
+
+use crate::server::conn::ClientConn;
+use bytes::Bytes;
+use http::{Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::ResponseFuture;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The most of an abandoned answer read to keep its connection.
+pub const DRAIN_LIMIT_BYTES: usize = 64 * 1024;
+/// The longest an abandoned answer is waited for and read to keep its connection.
+pub const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// One upstream's budget: requests in flight and connections open, each at most `max`.
+#[derive(Debug)]
+pub struct Budget {
+    max: usize,
+    requests: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+}
+
+impl Budget {
+    fn new(max: usize) -> Budget {
+        Budget {
+            max,
+            requests: Arc::new(Semaphore::new(max)),
+            connections: Arc::new(Semaphore::new(max)),
+        }
+    }
+
+    /// Returns the budget's size.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Takes a place for one request, waiting up to `wait` for one to free up.
+    pub async fn request_slot(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.requests.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        tokio::time::timeout(wait, self.requests.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// The budgets of every upstream, by `scheme://authority`.
+#[derive(Debug, Default)]
+pub struct Budgets(HashMap<String, Arc<Budget>>);
+
+impl Budgets {
+    /// Makes one budget per `scheme://authority`, of the smallest size any route gives it.
+    pub fn new(sizes: impl IntoIterator<Item = (String, usize)>) -> Budgets {
+        let mut smallest: HashMap<String, usize> = HashMap::new();
+        for (origin, max) in sizes {
+            let size = smallest.entry(origin).or_insert(max);
+            *size = (*size).min(max);
+        }
+        Budgets(
+            smallest
+                .into_iter()
+                .map(|(origin, max)| (origin, Arc::new(Budget::new(max))))
+                .collect(),
+        )
+    }
+
+    /// Returns the budget of `scheme://authority`.
+    pub fn get(&self, origin: &str) -> Option<Arc<Budget>> {
+        self.0.get(origin).cloned()
+    }
+
+    fn connections(&self, uri: &Uri) -> Option<Arc<Semaphore>> {
+        let origin = format!("{}://{}", uri.scheme_str()?, uri.authority()?);
+        Some(self.0.get(&origin)?.connections.clone())
+    }
+}
+
+/// A connector that opens a connection to an upstream only when its budget has room.
+#[derive(Clone)]
+pub struct BudgetedConnector<C> {
+    inner: C,
+    budgets: Arc<Budgets>,
+}
+
+impl<C> BudgetedConnector<C> {
+    /// Bounds the connections `inner` opens by `budgets`.
+    pub fn new(inner: C, budgets: Arc<Budgets>) -> BudgetedConnector<C> {
+        BudgetedConnector { inner, budgets }
+    }
+}
+
+impl<C> tower_service::Service<Uri> for BudgetedConnector<C>
+where
+    C: tower_service::Service<Uri> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = Budgeted<C::Response>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let places = self.budgets.connections(&uri);
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            let place = match places {
+                Some(places) => Some(places.acquire_owned().await?),
+                None => None,
+            };
+            let io = connecting.await.map_err(Into::into)?;
+            Ok(Budgeted { io, _place: place })
+        })
+    }
+}
+
+/// An upstream connection holding its place in the budget until it closes.
+pub struct Budgeted<T> {
+    io: T,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl<T: Connection> Connection for Budgeted<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Budgeted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Budgeted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// One request's exchange with its upstream, from sending to the answer's head. Dropped
+/// before the head arrives (its client went away), it is finished in the background.
+pub struct Exchange {
+    future: Option<ResponseFuture>,
+    slot: Option<OwnedSemaphorePermit>,
+    client: Arc<ClientConn>,
+}
+
+impl Exchange {
+    /// Watches `future`, which holds the request's place `slot`, for `client`.
+    pub fn new(
+        future: ResponseFuture,
+        slot: OwnedSemaphorePermit,
+        client: Arc<ClientConn>,
+    ) -> Exchange {
+        Exchange {
+            future: Some(future),
+            slot: Some(slot),
+            client,
+        }
+    }
+
+    /// Gives up on the answer (the proxy's own timeout): nothing is finished in the background.
+    pub fn give_up(mut self) {
+        self.future = None;
+    }
+}
+
+impl Future for Exchange {
+    type Output = Result<Response<UpstreamBody>, hyper_util::client::legacy::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let future = this.future.as_mut().expect("polled after completion");
+        let result = std::task::ready!(Pin::new(future).poll(cx));
+        this.future = None;
+        let slot = this.slot.take();
+        let client = this.client.clone();
+        Poll::Ready(result.map(|response| {
+            response.map(|body| UpstreamBody {
+                body: Some(body),
+                slot,
+                client: Some(client),
+            })
+        }))
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        self.client.note_cancelled();
+        let slot = self.slot.take();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+            if let Ok(Ok(response)) = tokio::time::timeout_at(deadline, future).await {
+                drain(response.into_body(), deadline).await;
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// An upstream's answer, holding its request's place. Dropped before its end (its client
+/// went away), a small rest is read and discarded in the background to keep the connection.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    body: Option<Incoming>,
+    slot: Option<OwnedSemaphorePermit>,
+    /// Told when the answer is abandoned; `None` once the body has ended.
+    client: Option<Arc<ClientConn>>,
+}
+
+impl UpstreamBody {
+    /// Returns the upstream's body, giving up the request's place with it.
+    pub fn into_inner(mut self) -> Incoming {
+        self.client = None;
+        self.body.take().expect("the body is there until dropped")
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = &polled {
+            // Ended or broken: nothing to keep, and the place is free.
+            this.body = None;
+            this.slot = None;
+            this.client = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        if body.is_end_stream() {
+            return;
+        }
+        if let Some(client) = &self.client {
+            client.note_cancelled();
+        }
+        let small = body
+            .size_hint()
+            .upper()
+            .is_none_or(|n| n <= DRAIN_LIMIT_BYTES as u64);
+        if small {
+            let slot = self.slot.take();
+            tokio::spawn(async move {
+                drain(body, tokio::time::Instant::now() + DRAIN_TIME).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Reads `body` to its end if that takes at most [`DRAIN_LIMIT_BYTES`] and ends by
+/// `deadline`; otherwise drops it, which closes its connection.
+async fn drain(mut body: Incoming, deadline: tokio::time::Instant) {
+    use http_body_util::BodyExt;
+    let mut read = 0;
+    let reading = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > DRAIN_LIMIT_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, reading).await;
+}

@@ -1,0 +1,327 @@
+//! The client socket as hyper sees it, able to end an HTTP/2 connection with a GOAWAY of the
+//! proxy's choosing. hyper sends GOAWAY only with `NO_ERROR`; to tell an abusive client to
+//! `ENHANCE_YOUR_CALM` (RFC 9113 §7), this wrapper follows the frame boundaries of what hyper
+//! writes and, when asked, puts its own GOAWAY at the next boundary and ends the connection.
+//! HTTP/1 connections pass through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
+const GOAWAY: u8 = 0x7;
+/// RFC 9113 §7: the peer may be generating excessive load.
+pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// The switch that asks a connection's socket to send GOAWAY `ENHANCE_YOUR_CALM`.
+#[derive(Debug, Default)]
+pub struct CalmSwitch(AtomicBool);
+
+impl CalmSwitch {
+    /// Asks for the GOAWAY; it goes out with hyper's next write.
+    pub fn flip(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_on(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Follows a stream of HTTP/2 frames: where each ends, and each frame header.
+#[derive(Debug, Default)]
+struct Frames {
+    header: [u8; FRAME_HEADER],
+    have: usize,
+    payload_left: usize,
+}
+
+impl Frames {
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.payload_left == 0
+    }
+
+    /// Follows `data`, calling `on_header` with each complete frame header.
+    fn feed(&mut self, mut data: &[u8], mut on_header: impl FnMut(&[u8; FRAME_HEADER])) {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(data.len());
+                self.payload_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (FRAME_HEADER - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == FRAME_HEADER {
+                self.have = 0;
+                let h = &self.header;
+                self.payload_left =
+                    usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                on_header(&self.header);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Protocol {
+    /// Too few bytes read yet to tell.
+    Unknown {
+        seen: usize,
+    },
+    Http1,
+    Http2 {
+        incoming: Frames,
+        outgoing: Frames,
+        last_stream: u32,
+        /// Bytes of the proxy's GOAWAY still to write.
+        goaway: Option<(Vec<u8>, usize)>,
+    },
+    /// The GOAWAY went out: the connection is over.
+    Ended,
+}
+
+/// A client socket that can end an HTTP/2 connection with GOAWAY `ENHANCE_YOUR_CALM`.
+pub struct ClientSocket {
+    stream: TcpStream,
+    switch: Arc<CalmSwitch>,
+    protocol: Protocol,
+}
+
+impl ClientSocket {
+    /// Wraps `stream`; flipping `switch` ends it with a GOAWAY if it speaks HTTP/2.
+    pub fn new(stream: TcpStream, switch: Arc<CalmSwitch>) -> ClientSocket {
+        ClientSocket {
+            stream,
+            switch,
+            protocol: Protocol::Unknown { seen: 0 },
+        }
+    }
+
+    fn saw_incoming(&mut self, data: &[u8]) {
+        let mut data = data;
+        if let Protocol::Unknown { seen } = &mut self.protocol {
+            let n = (PREFACE.len() - *seen).min(data.len());
+            if data[..n] != PREFACE[*seen..*seen + n] {
+                self.protocol = Protocol::Http1;
+                return;
+            }
+            *seen += n;
+            data = &data[n..];
+            if *seen == PREFACE.len() {
+                self.protocol = Protocol::Http2 {
+                    incoming: Frames::default(),
+                    outgoing: Frames::default(),
+                    last_stream: 0,
+                    goaway: None,
+                };
+            }
+        }
+        if let Protocol::Http2 {
+            incoming,
+            last_stream,
+            ..
+        } = &mut self.protocol
+        {
+            incoming.feed(data, |h| {
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                if h[3] == HEADERS && stream % 2 == 1 {
+                    *last_stream = (*last_stream).max(stream);
+                }
+            });
+        }
+    }
+
+    /// Writes the proxy's GOAWAY if it is asked for and hyper is between frames; returns
+    /// `Ready` once the connection is over (hyper's writes then fail).
+    fn poll_goaway(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Protocol::Http2 {
+            outgoing,
+            last_stream,
+            goaway,
+            ..
+        } = &mut self.protocol
+        else {
+            return match self.protocol {
+                Protocol::Ended => Poll::Ready(Ok(())),
+                _ => Poll::Pending,
+            };
+        };
+        if goaway.is_none() {
+            if !self.switch.is_on() || !outgoing.at_boundary() {
+                return Poll::Pending;
+            }
+            let mut frame = vec![0, 0, 8, GOAWAY, 0, 0, 0, 0, 0];
+            frame.extend_from_slice(&last_stream.to_be_bytes());
+            frame.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+            *goaway = Some((frame, 0));
+        }
+        let (frame, sent) = goaway.as_mut().expect("made above");
+        while *sent < frame.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &frame[*sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.protocol = Protocol::Ended;
+        Poll::Ready(Ok(()))
+    }
+
+    fn saw_outgoing(&mut self, written: usize, bufs: &[io::IoSlice<'_>]) {
+        if let Protocol::Http2 { outgoing, .. } = &mut self.protocol {
+            let mut left = written;
+            for buf in bufs {
+                let n = left.min(buf.len());
+                outgoing.feed(&buf[..n], |_| {});
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn ended() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the connection was ended with GOAWAY ENHANCE_YOUR_CALM",
+        )
+    }
+
+    fn write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.poll_goaway(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Err(Self::ended())),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending
+                if matches!(
+                    &self.protocol,
+                    Protocol::Http2 {
+                        goaway: Some(_),
+                        ..
+                    }
+                ) =>
+            {
+                return Poll::Pending
+            }
+            Poll::Pending => {}
+        }
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            self.saw_outgoing(n, bufs);
+        }
+        written
+    }
+}
+
+impl AsyncRead for ClientSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read {
+            if !matches!(this.protocol, Protocol::Http1) {
+                this.saw_incoming(&buf.filled()[before..]);
+            }
+        }
+        read
+    }
+}
+
+impl AsyncWrite for ClientSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if matches!(this.protocol, Protocol::Http1) {
+            return Pin::new(&mut this.stream).poll_write(cx, buf);
+        }
+        this.write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if matches!(this.protocol, Protocol::Http1) {
+            return Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        }
+        this.write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Poll::Ready(result) = this.poll_goaway(cx) {
+            return Poll::Ready(result.and(Err(Self::ended())));
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn frame_boundaries_are_followed_however_the_bytes_are_cut() {
+        let mut stream = frame(0x4, 0, &[0; 6]);
+        stream.extend(frame(HEADERS, 3, &[1; 40]));
+        stream.extend(frame(0x0, 3, &vec![2; 70_000 % 16_384]));
+        stream.extend(frame(HEADERS, 7, &[]));
+        for cut in [1, 2, 5, 9, 10, 100, stream.len()] {
+            let mut frames = Frames::default();
+            let mut headers = Vec::new();
+            for chunk in stream.chunks(cut) {
+                frames.feed(chunk, |h| {
+                    headers.push((h[3], u32::from_be_bytes([h[5], h[6], h[7], h[8]])))
+                });
+            }
+            assert!(frames.at_boundary(), "cut {cut}");
+            assert_eq!(
+                headers,
+                [(0x4, 0), (HEADERS, 3), (0x0, 3), (HEADERS, 7)],
+                "cut {cut}"
+            );
+        }
+        let mut frames = Frames::default();
+        frames.feed(&stream[..12], |_| {});
+        assert!(!frames.at_boundary());
+    }
+}
