@@ -52,6 +52,11 @@ impl Budget {
         self.max
     }
 
+    /// Counts the places for requests free now.
+    pub fn free_requests(&self) -> usize {
+        self.requests.available_permits()
+    }
+
     /// Takes a place for one request, waiting up to `wait` for one to free up.
     pub async fn request_slot(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
         if let Ok(slot) = self.requests.clone().try_acquire_owned() {
