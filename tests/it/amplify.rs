@@ -19,7 +19,7 @@ async fn a_paced_rapid_reset_gets_goaway_enhance_your_calm_and_costs_the_upstrea
     // The ordinary client's requests go to an upstream of their own, so that the stand-in's
     // counts are the attacker's alone.
     let (_trigger, signal) = mosaic_auth_proxy::shutdown::channel();
-    let other = MosaicUpstream::bind(loopback(), &stubs.identity.origin())
+    let other = MosaicUpstream::bind(loopback(), stubs.identity.origin())
         .await
         .unwrap();
     let other_route = format!(
