@@ -286,3 +286,32 @@ fn trusted_proxies_take_networks_and_single_addresses() {
         .collect();
     assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.0.2.7/32"]);
 }
+
+#[test]
+fn upstream_and_cancel_budgets_have_defaults_and_named_errors() {
+    let config = Config::parse(VALID, &env).unwrap();
+    assert_eq!(config.server.upstream_max_connections, 256);
+    assert_eq!(config.server.limits.max_cancelled_streams, 100);
+    assert_eq!(
+        config.server.limits.cancelled_streams_window,
+        Duration::from_secs(10)
+    );
+    assert_eq!(config.routes[0].max_connections, None);
+    let text = format!(
+        "[server]\nupstream_max_connections = 0\nmax_cancelled_streams = -1\ncancelled_streams_window = \"0s\"\n{VALID}max_connections = 0\n"
+    );
+    assert_eq!(
+        keys(&text),
+        [
+            "server.max_cancelled_streams",
+            "server.upstream_max_connections",
+            "server.cancelled_streams_window",
+            "routes[0].max_connections",
+        ]
+    );
+    let text = format!("{VALID}max_connections = 8\n");
+    assert_eq!(
+        Config::parse(&text, &env).unwrap().routes[0].max_connections,
+        Some(8)
+    );
+}
