@@ -49,8 +49,8 @@ struct Replay<'a> {
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-    /// Its share of `server.replay_memory`, given back with it.
-    _budget: SemaphorePermit<'a>,
+    /// Its share of `server.replay_memory`, given back with it (none for an empty body).
+    _budget: Option<SemaphorePermit<'a>>,
 }
 
 impl Proxy {
@@ -104,7 +104,7 @@ impl Proxy {
                 let (status, code, fault) = error.classify();
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
                 let chain = crate::identity::error_chain(&error);
-                let peer = client.address.ip();
+                let peer = client.0.address.ip();
                 match fault {
                     Fault::Client => {
                         tracing::debug!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
@@ -127,7 +127,7 @@ impl Proxy {
         client: &ProxyService,
     ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
         // Request filter.
-        if client.conn.is_calmed() {
+        if client.0.conn.is_calmed() {
             return Err(ProxyError::Calmed);
         }
         match *request.method() {
@@ -199,6 +199,7 @@ impl Proxy {
         let upgrade = upgrade::requested(&parts.headers, &route.upgrades);
         rewrite(&mut parts, route, judged_path.as_deref())?;
         client
+            .0
             .address
             .set_forwarding_headers(&mut parts.headers, forwarded_host);
         // The client's side of an upgrade never travels with the request; one that is not
@@ -254,7 +255,7 @@ impl Proxy {
             let tunnel = TunnelParts {
                 account: route.account.clone(),
                 sent,
-                conn: client.conn.clone(),
+                conn: client.0.conn.clone(),
                 idle_timeout: self.tunnel_idle_timeout,
             };
             let response = upgrade::tunnel(response, on_upgrade, asked, tunnel);
@@ -278,15 +279,16 @@ impl Proxy {
     }
 
     /// Takes the share of `server.replay_memory` a request body needs to be kept: `None`
-    /// if it is too large, of unknown length, or the budget is spent.
-    fn replay_budget(&self, body: &Incoming) -> Option<SemaphorePermit<'_>> {
-        let size = if body.is_end_stream() {
-            0
-        } else {
-            body.size_hint()
-                .upper()
-                .filter(|n| *n <= self.replay_body_limit)?
-        };
+    /// if it is too large, of unknown length, or the budget is spent; `Some(None)` for an
+    /// empty body, which needs no share.
+    fn replay_budget(&self, body: &Incoming) -> Option<Option<SemaphorePermit<'_>>> {
+        if body.is_end_stream() {
+            return Some(None);
+        }
+        let size = body
+            .size_hint()
+            .upper()
+            .filter(|n| *n <= self.replay_body_limit)?;
         let permit = self.replay_memory.try_acquire_many(size as u32).ok();
         if permit.is_none() {
             tracing::debug!(
@@ -294,7 +296,7 @@ impl Proxy {
                 "server.replay_memory is spent: the request streams and cannot be replayed"
             );
         }
-        permit
+        permit.map(Some)
     }
 
     /// Sends a request upstream within the upstream's budget and waits, bounded, for the
@@ -312,7 +314,7 @@ impl Proxy {
                 waited: self.upstream_timeout,
             });
         };
-        let mut exchange = Exchange::new(self.client.request(request), slot, client.conn.clone());
+        let mut exchange = Exchange::new(self.client.request(request), slot, client.0.conn.clone());
         let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
         let Ok(answered) = answered else {
             exchange.give_up();
@@ -412,22 +414,25 @@ fn rewrite(
 
 /// One connection's view of the proxy, as hyper calls it.
 #[derive(Clone)]
-pub struct ProxyService {
+pub struct ProxyService(Arc<ConnView>);
+
+/// What every request of a connection shares, made once per connection so that a request
+/// clones one `Arc`.
+struct ConnView {
     proxy: Arc<Proxy>,
     conn: Arc<ClientConn>,
-    /// Made once per connection, so requests only clone it.
-    address: Arc<ClientAddress>,
+    address: ClientAddress,
 }
 
 impl ProxyService {
     /// Creates the service for the client connection `conn`.
     pub fn new(proxy: Arc<Proxy>, conn: Arc<ClientConn>) -> ProxyService {
-        let address = Arc::new(ClientAddress::new(conn.peer().ip(), &proxy.trusted_proxies));
-        ProxyService {
+        let address = ClientAddress::new(conn.peer().ip(), &proxy.trusted_proxies);
+        ProxyService(Arc::new(ConnView {
             proxy,
             conn,
             address,
-        }
+        }))
     }
 }
 
@@ -439,7 +444,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let service = self.clone();
         Box::pin(async move {
-            let handling = async { service.proxy.handle(request, &service).await };
+            let handling = async { service.0.proxy.handle(request, &service).await };
             Ok(answer_or_500(handling).await)
         })
     }
