@@ -352,7 +352,9 @@ impl Proxy {
             Ok(fresh) if fresh != sent => fresh,
             _ => return Ok(original),
         };
-        drop(original);
+        if let ProxyBody::Upstream(body) = original.into_body() {
+            body.discard();
+        }
         let mut request = Request::new(ProxyBody::full(replay.body));
         *request.method_mut() = replay.method;
         *request.uri_mut() = replay.uri;

@@ -270,10 +270,10 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
-    /// Returns the upstream's body, giving up the request's place with it.
-    pub fn into_inner(mut self) -> Incoming {
+    /// Lets the proxy itself drop the answer unread (a refused token's answer, replaced by
+    /// a replay): the rest is drained as usual, but it does not count against the client.
+    pub fn discard(mut self) {
         self.client = None;
-        self.body.take().expect("the body is there until dropped")
     }
 }
 
