@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::upgrade::OnUpgrade;
 use ipnet::IpNet;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -41,6 +42,15 @@ pub struct Proxy {
     max_uri_bytes: usize,
     trusted_proxies: Vec<IpNet>,
     tunnel_idle_timeout: Duration,
+}
+
+/// The route a request goes to, and what judging it gave.
+struct Picked<'a> {
+    route: &'a Route,
+    /// The judged path, if judging changed the request's.
+    judged_path: Option<String>,
+    /// The `Host` the client asked for, for `X-Forwarded-Host`.
+    forwarded_host: Option<HeaderValue>,
 }
 
 /// What is kept of a request so it can be sent once more with a fresh token.
@@ -126,60 +136,12 @@ impl Proxy {
         request: Request<Incoming>,
         client: &ProxyService,
     ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
-        // Request filter.
-        if client.0.conn.is_calmed() {
-            return Err(ProxyError::Calmed);
-        }
-        match *request.method() {
-            Method::CONNECT => return Err(ProxyError::Connect),
-            Method::TRACE => return Err(ProxyError::Trace),
-            _ => {}
-        }
-        let target_len = request
-            .uri()
-            .path_and_query()
-            .map_or(0, |pq| pq.as_str().len());
-        if target_len > self.max_uri_bytes {
-            return Err(ProxyError::UriTooLong);
-        }
-        let host_header = checked_host(&request)?;
-        let host = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| host_header.and_then(|h| h.to_str().ok()));
-        let absolute_form = request.version() < Version::HTTP_2 && request.uri().scheme().is_some();
-        if absolute_form && !host.is_some_and(|h| self.routes.names_host(h)) {
-            return Err(ProxyError::ForeignHost);
-        }
-        let judged = path::judge(request.uri().path()).map_err(ProxyError::BadPath)?;
-
-        // Pick upstream: by the judged path, which must name the same route as the path
-        // before its dot segments were removed.
-        let route = self
-            .routes
-            .find(host, &judged.path)
-            .ok_or(ProxyError::NoRoute)?;
-        if judged.encoded_slash && !route.allow_encoded_slashes {
-            return Err(ProxyError::BadPath(PathError::EncodedSlash));
-        }
-        if let Some(before) = &judged.before_dots {
-            if !self
-                .routes
-                .find(host, before)
-                .is_some_and(|r| std::ptr::eq(r, route))
-            {
-                return Err(ProxyError::BadPath(PathError::EscapesRoute));
-            }
-        }
-        let judged_path = match judged.path {
-            std::borrow::Cow::Owned(path) => Some(path),
-            std::borrow::Cow::Borrowed(_) => None,
-        };
-        let forwarded_host = host_header.cloned().or_else(|| {
-            let authority = request.uri().authority()?;
-            HeaderValue::from_str(authority.as_str()).ok()
-        });
+        // Request filter and pick upstream.
+        let Picked {
+            route,
+            judged_path,
+            forwarded_host,
+        } = self.filter_and_pick(&request, client)?;
 
         // Token: the ready-made header, or a short wait while one is being fetched.
         let sent = match route.account.usable_header() {
@@ -212,39 +174,10 @@ impl Proxy {
             }
             None => None,
         };
-        // A small body is kept, within the global budget, so the request can be replayed
-        // after a token rejection; otherwise it streams, its gaps bounded.
-        let budget = (route.replay && client_upgrade.is_none())
-            .then(|| self.replay_budget(&body))
-            .flatten();
-        let (body, replay) = match budget {
-            Some(budget) => {
-                let kept = Limited::new(
-                    TimedBody::new(body, self.body_timeout),
-                    self.replay_body_limit as usize,
-                )
-                .collect()
-                .await
-                .map_err(|error| match body_timeout_in(&*error) {
-                    Some(gap) => ProxyError::BodyTimeout(gap),
-                    None => ProxyError::ClientBody(error),
-                })?
-                .to_bytes();
-                let replay = Replay {
-                    method: parts.method.clone(),
-                    uri: parts.uri.clone(),
-                    headers: parts.headers.clone(),
-                    body: kept.clone(),
-                    _budget: budget,
-                };
-                (ProxyBody::full(kept), Some(replay))
-            }
-            None if body.is_end_stream() => (ProxyBody::Streamed(body), None),
-            None => (
-                ProxyBody::Timed(TimedBody::new(body, self.body_timeout)),
-                None,
-            ),
-        };
+        // Keep a small body for a replay, or stream it.
+        let (body, replay) = self
+            .keep_or_stream(route, &parts, body, client_upgrade.is_none())
+            .await?;
         parts.headers.insert(header::AUTHORIZATION, sent.clone());
 
         // Forward.
@@ -276,6 +209,110 @@ impl Proxy {
         // The proxy alone decides how its client connection carries on.
         remove_hop_by_hop(response.headers_mut());
         Ok((response, route))
+    }
+
+    /// The request filter and the choice of upstream: refuses what this proxy never serves
+    /// and judges the path, then picks the route by the judged path, which must be the
+    /// route the path named before its dot segments were removed.
+    fn filter_and_pick<'a>(
+        &'a self,
+        request: &Request<Incoming>,
+        client: &ProxyService,
+    ) -> Result<Picked<'a>, ProxyError> {
+        if client.0.conn.is_calmed() {
+            return Err(ProxyError::Calmed);
+        }
+        match *request.method() {
+            Method::CONNECT => return Err(ProxyError::Connect),
+            Method::TRACE => return Err(ProxyError::Trace),
+            _ => {}
+        }
+        let target_len = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |pq| pq.as_str().len());
+        if target_len > self.max_uri_bytes {
+            return Err(ProxyError::UriTooLong);
+        }
+        let host_header = checked_host(request)?;
+        let host = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| host_header.and_then(|h| h.to_str().ok()));
+        let absolute_form = request.version() < Version::HTTP_2 && request.uri().scheme().is_some();
+        if absolute_form && !host.is_some_and(|h| self.routes.names_host(h)) {
+            return Err(ProxyError::ForeignHost);
+        }
+        let judged = path::judge(request.uri().path()).map_err(ProxyError::BadPath)?;
+        let route = self
+            .routes
+            .find(host, &judged.path)
+            .ok_or(ProxyError::NoRoute)?;
+        if judged.encoded_slash && !route.allow_encoded_slashes {
+            return Err(ProxyError::BadPath(PathError::EncodedSlash));
+        }
+        if let Some(before) = &judged.before_dots {
+            let named = self.routes.find(host, before);
+            if !named.is_some_and(|r| std::ptr::eq(r, route)) {
+                return Err(ProxyError::BadPath(PathError::EscapesRoute));
+            }
+        }
+        let forwarded_host = host_header.cloned().or_else(|| {
+            let authority = request.uri().authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
+        Ok(Picked {
+            route,
+            judged_path: match judged.path {
+                Cow::Owned(path) => Some(path),
+                Cow::Borrowed(_) => None,
+            },
+            forwarded_host,
+        })
+    }
+
+    /// Keeps a small body, within `server.replay_memory`, so that the request can be
+    /// replayed after a token rejection; otherwise streams it, its pauses bounded.
+    async fn keep_or_stream(
+        &self,
+        route: &Route,
+        parts: &http::request::Parts,
+        body: Incoming,
+        replayable: bool,
+    ) -> Result<(ProxyBody, Option<Replay<'_>>), ProxyError> {
+        let budget = (route.replay && replayable)
+            .then(|| self.replay_budget(&body))
+            .flatten();
+        let Some(budget) = budget else {
+            return Ok(if body.is_end_stream() {
+                (ProxyBody::Streamed(body), None)
+            } else {
+                (
+                    ProxyBody::Timed(TimedBody::new(body, self.body_timeout)),
+                    None,
+                )
+            });
+        };
+        let kept = Limited::new(
+            TimedBody::new(body, self.body_timeout),
+            self.replay_body_limit as usize,
+        )
+        .collect()
+        .await
+        .map_err(|error| match body_timeout_in(&*error) {
+            Some(gap) => ProxyError::BodyTimeout(gap),
+            None => ProxyError::ClientBody(error),
+        })?
+        .to_bytes();
+        let replay = Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            body: kept.clone(),
+            _budget: budget,
+        };
+        Ok((ProxyBody::full(kept), Some(replay)))
     }
 
     /// Takes the share of `server.replay_memory` a request body needs to be kept: `None`
