@@ -199,18 +199,30 @@ impl App {
                 ..self.limits.clone()
             };
             let (shutdown, grace) = (shutdown.clone(), self.shutdown_grace);
-            tasks.spawn(serve(
-                admin,
-                move |_| crate::admin::AdminService::new(accounts.clone()),
-                limits,
-                shutdown,
-                grace,
-            ));
+            tasks.spawn(async move {
+                serve(
+                    admin,
+                    move |_| crate::admin::AdminService::new(accounts.clone()),
+                    limits,
+                    shutdown,
+                    grace,
+                )
+                .await;
+            });
         }
         if let Some(limit) = wait_ready {
             let deadline = tokio::time::Instant::now() + limit;
             for account in self.accounts.iter() {
-                if !account.wait_ready(deadline).await {
+                let mut stop = shutdown.clone();
+                let ready = tokio::select! {
+                    ready = account.wait_ready(deadline) => ready,
+                    () = stop.wait() => {
+                        tracing::info!("stopped before every account held a token");
+                        tasks.abort_all();
+                        return Ok(());
+                    }
+                };
+                if !ready {
                     let reason = account
                         .unavailable()
                         .failure
@@ -235,7 +247,7 @@ impl App {
             max_connections = self.limits.max_connections,
             "proxy listening"
         );
-        serve(
+        let deadline = serve(
             self.listener,
             move |conn| ProxyService::new(proxy.clone(), conn.clone()),
             self.limits.clone(),
@@ -243,8 +255,8 @@ impl App {
             self.shutdown_grace,
         )
         .await;
-        // Every task watches the same signal; bound the wait anyway.
-        let _ = tokio::time::timeout(self.shutdown_grace, async {
+        // Every task watches the same signal and drains by the same deadline.
+        let _ = tokio::time::timeout_at(deadline, async {
             while tasks.join_next().await.is_some() {}
         })
         .await;

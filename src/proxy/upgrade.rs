@@ -140,11 +140,21 @@ async fn splice(
             seen = Some(now);
         }
     };
+    // At shutdown a tunnel carries on for the grace period, then is closed both ways.
+    let mut shutdown = tunnel.conn.draining.shutdown.clone();
+    let drained = async {
+        shutdown.wait().await;
+        tokio::time::sleep(tunnel.conn.draining.grace).await;
+    };
     let peer = tunnel.conn.peer();
     tokio::select! {
         result = up => if let Err(error) = result { tracing::debug!(%peer, %error, "upgraded connection ended") },
         result = down => if let Err(error) = result { tracing::debug!(%peer, %error, "upgraded connection ended") },
         () = idle => tracing::debug!(%peer, "upgraded connection closed: nothing moved for server.tunnel_idle_timeout"),
+        () = drained => {
+            tracing::debug!(%peer, "upgraded connection closed at the end of the shutdown grace period");
+            let _ = tokio::join!(client_write.shutdown(), upstream_write.shutdown());
+        }
     }
 }
 

@@ -17,6 +17,15 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
+/// How a connection and what it outlives (an upgraded tunnel) learn of shutdown and take
+/// part in the drain: the server waits until every holder of `_running` is gone.
+#[derive(Debug)]
+pub struct Draining {
+    pub shutdown: crate::shutdown::Shutdown,
+    pub grace: Duration,
+    pub _running: tokio::sync::watch::Receiver<()>,
+}
+
 /// How many forwarded requests a connection may cancel, and over what window.
 #[derive(Clone, Copy, Debug)]
 pub struct CancelBudget {
@@ -39,6 +48,8 @@ pub struct ClientConn {
     /// Over the cancel budget: no more requests are forwarded, the connection is ending.
     calmed: AtomicBool,
     calm: Notify,
+    /// Shutdown, and the server's count of what is still running.
+    pub draining: Draining,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -48,6 +59,7 @@ impl ClientConn {
         peer: SocketAddr,
         slot: Option<OwnedSemaphorePermit>,
         cancel_budget: CancelBudget,
+        draining: Draining,
     ) -> ClientConn {
         ClientConn {
             peer,
@@ -59,6 +71,7 @@ impl ClientConn {
             cancelled: Mutex::new((Instant::now(), 0)),
             calmed: AtomicBool::new(false),
             calm: Notify::new(),
+            draining,
             _slot: slot,
         }
     }

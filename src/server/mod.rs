@@ -14,7 +14,7 @@ pub mod watchdog;
 
 use crate::config::ConnectionLimits;
 use crate::shutdown::Shutdown;
-use conn::{CancelBudget, ClientConn, Counted};
+use conn::{CancelBudget, ClientConn, Counted, Draining};
 use goaway::{CalmSwitch, ClientSocket};
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
@@ -57,14 +57,16 @@ pub fn raise_open_file_limit() -> Option<u64> {
 }
 
 /// Serves `listener` until `shutdown`, with a service made per connection by `make`; then
-/// lets requests in flight finish for up to `grace` and drops the rest.
+/// lets requests in flight (and upgraded tunnels) finish for up to `grace` and drops the
+/// rest. Returns the deadline it drained by: shutdown's moment plus `grace`.
 pub async fn serve<S, B>(
     listener: TcpListener,
     make: impl Fn(&Arc<ClientConn>) -> S,
     limits: ConnectionLimits,
     mut shutdown: Shutdown,
     grace: Duration,
-) where
+) -> Instant
+where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -86,7 +88,8 @@ pub async fn serve<S, B>(
         max: limits.max_cancelled_streams,
         window: limits.cancelled_streams_window,
     };
-    // Every connection task holds a receiver; `closed` tells when the last one ended.
+    // Every connection holds a receiver; `closed` tells when the last one (and its tunnel)
+    // ended.
     let (running, running_rx) = watch::channel(());
     let mut refused = Throttle::default();
     let mut accept_failed = Throttle::default();
@@ -116,31 +119,37 @@ pub async fn serve<S, B>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let client = Arc::new(ClientConn::new(peer, Some(slot), cancel_budget));
+        let client = Arc::new(ClientConn::new(
+            peer,
+            Some(slot),
+            cancel_budget,
+            Draining {
+                shutdown: shutdown.clone(),
+                grace,
+                _running: running_rx.clone(),
+            },
+        ));
         let service = Counted::new(make(&client), client.clone());
         let switch = Arc::new(CalmSwitch::default());
         let socket = ClientSocket::new(stream, switch.clone());
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(socket), service)
             .into_owned();
-        tokio::spawn(drive(
-            connection,
-            client,
-            switch,
-            timeouts,
-            shutdown.clone(),
-            grace,
-            running_rx.clone(),
-        ));
+        tokio::spawn(drive(connection, client, switch, timeouts));
     }
+    let deadline = Instant::now() + grace;
     drop(listener);
     drop(running_rx);
-    if tokio::time::timeout(grace, running.closed()).await.is_err() {
+    if tokio::time::timeout_at(deadline, running.closed())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             grace_s = grace.as_secs_f32(),
             "requests still in flight after the shutdown grace period were dropped"
         );
     }
+    deadline
 }
 
 fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
@@ -174,9 +183,6 @@ async fn drive<S, B>(
     client: Arc<ClientConn>,
     switch: Arc<CalmSwitch>,
     timeouts: Timeouts,
-    mut shutdown: Shutdown,
-    grace: Duration,
-    _running: watch::Receiver<()>,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -186,6 +192,7 @@ async fn drive<S, B>(
     B::Error: Into<BoxError>,
 {
     let peer = client.peer();
+    let (mut shutdown, grace) = (client.draining.shutdown.clone(), client.draining.grace);
     let mut connection = std::pin::pin!(connection);
     let mut watchdog = Watchdog::new(timeouts, Instant::now());
     let mut next = Instant::now();

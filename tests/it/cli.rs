@@ -124,6 +124,56 @@ fn wait_ready_exits_69_with_the_reason_when_no_token_arrives_in_time() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
 }
 
+#[test]
+fn sigterm_during_wait_ready_stops_at_once() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let file = config_file("term", &format!("http://{closed}"));
+    let mut child = binary()
+        .args(["run", "--wait-ready", "60", "--config"])
+        .arg(&file)
+        .env("A_SECRET", "demo-secret")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first failed token request is logged: the proxy is waiting by then. The rest of
+    // its log is read to the end, so that it never writes to a closed pipe.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // Bounded: --wait-ready would keep it for a minute; the signal must end it long before.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill().unwrap();
+            panic!("SIGTERM did not stop the wait");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let rest = rest.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{first}{rest}");
+    assert!(
+        rest.contains("stopped before every account held a token"),
+        "{rest}"
+    );
+}
+
 /// Starts the identity stand-in in process.
 async fn identity_stub() -> (StubHandle, ShutdownTrigger) {
     let stub = IdentityStub::bind(

@@ -628,3 +628,45 @@ fn full(text: &'static str) -> TestBody {
         .map_err(|never| match never {})
         .boxed()
 }
+
+#[tokio::test]
+async fn an_upgraded_tunnel_is_part_of_the_drain_and_closed_when_the_grace_period_ends() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let upstream = RawUpstream::start(|_| {
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    })
+    .await;
+    let text = stubs
+        .config("", &raw_route(&upstream))
+        .replace("[server]", "[server]\nshutdown_grace = \"300ms\"");
+    let config = mosaic_auth_proxy::Config::parse(&text, &env).unwrap();
+    let app = mosaic_auth_proxy::App::bind(config).await.unwrap();
+    let (addr, accounts) = (app.local_addr(), app.accounts());
+    let (trigger, signal) = mosaic_auth_proxy::shutdown::channel();
+    let running = tokio::spawn(app.run(signal));
+    accounts[0].header_or_wait(PATIENCE).await.unwrap();
+
+    let mut tunnel = TcpStream::connect(addr).await.unwrap();
+    tunnel
+        .write_all(
+            b"GET /raw/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = tunnel.read(&mut head).await.unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+
+    trigger.trigger();
+    let closed = read_to_close(&mut tunnel, PATIENCE).await;
+    assert!(closed.is_some(), "the tunnel outlived the drain");
+    tokio::time::timeout(PATIENCE, running)
+        .await
+        .expect("the proxy stopped")
+        .unwrap();
+}
