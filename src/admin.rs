@@ -14,13 +14,13 @@ pub fn respond(request: &Request<Incoming>, accounts: &[Arc<Account>]) -> Respon
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"error":"method_not_allowed"}"#.into(),
+            r#"{"error":"method_not_allowed"}"#,
         );
     }
     match request.uri().path() {
-        "/health" | "/healthz" | "/live" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        "/health" | "/healthz" | "/live" => json(StatusCode::OK, r#"{"status":"ok"}"#),
         "/ready" | "/readyz" => readiness(accounts),
-        _ => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#.into()),
+        _ => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
     }
 }
 
@@ -34,15 +34,16 @@ fn readiness(accounts: &[Arc<Account>]) -> Response<Full<Bytes>> {
         })
         .collect();
     if waiting.is_empty() {
-        json(StatusCode::OK, r#"{"status":"ready"}"#.into())
+        json(StatusCode::OK, r#"{"status":"ready"}"#)
     } else {
         let body = serde_json::json!({"status": "not_ready", "waiting": waiting});
         json(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
     }
 }
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+/// Builds a JSON answer (the admin listener's, and the stand-ins').
+pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

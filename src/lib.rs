@@ -27,4 +27,7 @@ pub mod stub;
 pub mod tls;
 
 pub use app::App;
+
+/// The error type of bodies and services whose errors come from more than one place.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub use config::Config;

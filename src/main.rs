@@ -256,8 +256,7 @@ async fn run(
             return ExitCode::from(EXIT_START);
         }
     };
-    let (trigger, signal) = shutdown::channel();
-    tokio::spawn(shutdown::trigger_on_signal(trigger));
+    let (_trigger, signal) = shutdown::channel_on_signal();
     tokio::spawn(app::reload_secrets_on_hangup(app.accounts()));
     let wait_ready = wait_ready.map(Duration::from_secs);
     match app
@@ -273,8 +272,7 @@ async fn run(
 }
 
 async fn run_demo(options: DemoOptions) -> ExitCode {
-    let (trigger, signal) = shutdown::channel();
-    tokio::spawn(shutdown::trigger_on_signal(trigger.clone()));
+    let (trigger, signal) = shutdown::channel_on_signal();
     match demo::run(options, trigger, signal).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -311,8 +309,7 @@ async fn identity_stub(
     };
     let handle = stub.handle();
     tracing::info!(origin = handle.origin(), jwks = %handle.jwks_url(), "identity stand-in listening");
-    let (trigger, signal) = shutdown::channel();
-    tokio::spawn(shutdown::trigger_on_signal(trigger));
+    let (_trigger, signal) = shutdown::channel_on_signal();
     stub.run(signal).await;
     ExitCode::SUCCESS
 }
@@ -326,8 +323,7 @@ async fn upstream_stub(listen: SocketAddr, identity_origin: &str) -> ExitCode {
         }
     };
     tracing::info!(listen = %upstream.local_addr(), identity_origin, "Mosaic stand-in listening");
-    let (trigger, signal) = shutdown::channel();
-    tokio::spawn(shutdown::trigger_on_signal(trigger));
+    let (_trigger, signal) = shutdown::channel_on_signal();
     upstream.run(signal).await;
     ExitCode::SUCCESS
 }

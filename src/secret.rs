@@ -32,11 +32,19 @@ impl fmt::Display for Secret {
 
 /// Returns a short, stable fingerprint of a secret or token for logs: 8 hex digits of its SHA-256.
 pub fn fingerprint(value: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, value.as_bytes());
-    digest.as_ref()[..4]
+    sha256_hex(value.as_bytes(), 4)
+}
+
+/// Returns the first `bytes` bytes of the SHA-256 of `data` in lower-case hex.
+pub fn sha256_hex(data: &[u8], bytes: usize) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    digest.as_ref()[..bytes.min(32)]
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::with_capacity(bytes * 2), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 #[cfg(test)]

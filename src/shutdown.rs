@@ -29,11 +29,13 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+}
 
-    /// Tells whether shutdown has been signalled.
-    pub fn is_signalled(&self) -> bool {
-        *self.0.borrow()
-    }
+/// Creates a linked trigger and signal that SIGINT (Ctrl-C) or SIGTERM also triggers.
+pub fn channel_on_signal() -> (ShutdownTrigger, Shutdown) {
+    let (trigger, signal) = channel();
+    tokio::spawn(trigger_on_signal(trigger.clone()));
+    (trigger, signal)
 }
 
 /// Triggers shutdown on SIGINT (Ctrl-C) or SIGTERM.

@@ -2,6 +2,7 @@
 //! between the client's bytes, or a small body held in memory.
 
 use super::upstream::UpstreamBody;
+use crate::BoxError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -11,8 +12,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of every request and response the proxy passes on.
 #[derive(Debug)]

@@ -3,6 +3,7 @@
 use super::body::ProxyBody;
 use super::path::PathError;
 use crate::identity::TokenUnavailable;
+use crate::BoxError;
 use http::{header, HeaderValue, Response, StatusCode};
 use std::time::Duration;
 
@@ -53,8 +54,6 @@ pub enum ProxyError {
     #[error("an internal error of the proxy")]
     Internal,
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `Retry-After` when an upstream's connections are all busy: soon, they turn over quickly.
 const UPSTREAM_BUSY_RETRY_AFTER_SECS: u64 = 1;

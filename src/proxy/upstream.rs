@@ -9,6 +9,7 @@
 //! small rest read and discarded in the background, so the connection returns to the pool.
 
 use crate::server::conn::ClientConn;
+use crate::BoxError;
 use bytes::Bytes;
 use http::{Response, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -22,8 +23,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The most of an abandoned answer read to keep its connection.
 pub const DRAIN_LIMIT_BYTES: usize = 64 * 1024;

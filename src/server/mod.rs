@@ -14,21 +14,19 @@ pub mod watchdog;
 
 use crate::config::ConnectionLimits;
 use crate::shutdown::Shutdown;
+use crate::BoxError;
 use conn::{CancelBudget, ClientConn, Counted, Draining};
 use goaway::{CalmSwitch, ClientSocket};
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use watchdog::{Timeouts, Verdict, Watchdog};
-
-type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// File descriptors kept free of client connections for the identity service, the admin
 /// listener, secret files and the like.

@@ -44,11 +44,7 @@ impl StubAccount {
 
     fn subject(&self) -> String {
         // A stable UUID-shaped id derived from the client id, like Mosaic's account ids.
-        let d = ring::digest::digest(&ring::digest::SHA256, self.client_id.as_bytes());
-        let h: String = d.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let h = crate::secret::sha256_hex(self.client_id.as_bytes(), 16);
         format!(
             "{}-{}-{}-{}-{}",
             &h[..8],

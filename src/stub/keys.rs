@@ -41,11 +41,7 @@ impl SigningKey {
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(KeyError::Pem)?;
         let pair = RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(KeyError::Rejected)?;
         let public = RsaPublicKeyComponents::<Vec<u8>>::from(pair.public());
-        let digest = ring::digest::digest(&ring::digest::SHA256, &public.n);
-        let kid = digest.as_ref()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let kid = crate::secret::sha256_hex(&public.n, 12);
         Ok(SigningKey {
             kid,
             pair,

@@ -13,8 +13,7 @@ pub use upstream::{MosaicUpstream, UpstreamHandle};
 /// The body type the stand-ins answer with.
 pub type StubBody = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
 
-/// A boxed error of a stand-in's body.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::BoxError;
 
 /// Wraps a complete body.
 pub fn full(bytes: impl Into<bytes::Bytes>) -> StubBody {
@@ -26,13 +25,8 @@ pub fn full(bytes: impl Into<bytes::Bytes>) -> StubBody {
 
 /// Builds a JSON response.
 pub fn json(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> http::Response<StubBody> {
-    let mut response = http::Response::new(full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
+    use http_body_util::BodyExt;
+    crate::admin::json(status, body).map(|body| body.map_err(|never| match never {}).boxed())
 }
 
 /// Connections a stand-in serves at once.
