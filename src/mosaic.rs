@@ -114,6 +114,8 @@ impl ErrorCode {
     }
 
     /// Tells whether a failed login with this code is worth trying again without a new secret.
+    /// A code this proxy does not know is: the exponential backoff keeps the tries rare, and a
+    /// new transient code must not wait at the slow permanent cadence.
     pub fn is_transient_login_failure(&self) -> bool {
         matches!(
             self,
@@ -122,6 +124,7 @@ impl ErrorCode {
                 | ErrorCode::NoActiveSigningKey
                 | ErrorCode::IdentityServiceNotAccessible
                 | ErrorCode::JwksError
+                | ErrorCode::Other(_)
         )
     }
 }

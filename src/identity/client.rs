@@ -321,6 +321,12 @@ mod tests {
         assert!(err.is_permanent());
         let internal = mosaic::error_body(&ErrorCode::InternalServerError, "x", None, "a");
         assert!(!ok(&internal).unwrap_err().is_permanent());
+        let unknown = r#"{"errors":[{"message":"new","code":"SOMETHING_NEW"}],"data":null}"#;
+        let err = ok(unknown).unwrap_err();
+        assert!(
+            !err.is_permanent(),
+            "an unknown code is retried with backoff: {err}"
+        );
     }
 
     #[test]
