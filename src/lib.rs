@@ -30,4 +30,17 @@ pub use app::App;
 
 /// The error type of bodies and services whose errors come from more than one place.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Renders an error with its sources, `outer: inner: innermost`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
 pub use config::Config;

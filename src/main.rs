@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use mosaic_auth_proxy::config::Config;
 use mosaic_auth_proxy::demo::{self, DemoOptions};
-use mosaic_auth_proxy::identity::error_chain;
+use mosaic_auth_proxy::error_chain;
 use mosaic_auth_proxy::shutdown;
 use mosaic_auth_proxy::stub::{
     IdentityStub, MosaicUpstream, SigningKey, StubAccount, StubSettings,

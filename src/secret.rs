@@ -1,6 +1,7 @@
 //! Secrets as types: a value that never prints itself.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// A client secret or token; `Debug` and `Display` print a placeholder, never the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -45,6 +46,26 @@ pub fn sha256_hex(data: &[u8], bytes: usize) -> String {
             let _ = write!(hex, "{b:02x}");
             hex
         })
+}
+
+/// Where an account's client secret came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+    Inline,
+}
+
+/// Reads a secret file: its content less surrounding white space, which must not be empty.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(Secret::new(text.trim())),
+        Ok(_) => Err(format!("names {}, which is empty", path.display())),
+        Err(e) => Err(format!(
+            "names {}, which cannot be read: {e}",
+            path.display()
+        )),
+    }
 }
 
 #[cfg(test)]

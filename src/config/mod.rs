@@ -9,9 +9,9 @@ mod section;
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
 use crate::secret::Secret;
+pub use crate::secret::{read_secret_file, SecretSource};
 use http::uri::{Authority, Scheme};
 use parse::{parse_accounts, parse_identity, parse_routes, parse_server, parse_tls};
-pub use parse::{read_secret_file, strip_port};
 use section::Section;
 use std::fmt;
 use std::net::SocketAddr;
@@ -205,14 +205,6 @@ pub struct AccountConfig {
     pub client_id: String,
     pub secret: Secret,
     pub secret_source: SecretSource,
-}
-
-/// Where an account's client secret came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SecretSource {
-    Env(String),
-    File(PathBuf),
-    Inline,
 }
 
 /// One `[[routes]]` entry.

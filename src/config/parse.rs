@@ -20,11 +20,11 @@ use super::{
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
 use crate::identity::refresher::DEFAULT_SECRET_POLL;
-use crate::secret::Secret;
+use crate::secret::{read_secret_file, Secret};
 use http::uri::{Authority, Scheme};
 use http::Uri;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -> ServerConfig {
     let mut s = Section::new(
@@ -469,18 +469,6 @@ fn resolve_secret(
     Some((Secret::new(value.trim()), SecretSource::Inline))
 }
 
-/// Reads a secret file: its content less surrounding white space, which must not be empty.
-pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => Ok(Secret::new(text.trim())),
-        Ok(_) => Err(format!("names {}, which is empty", path.display())),
-        Err(e) => Err(format!(
-            "names {}, which cannot be read: {e}",
-            path.display()
-        )),
-    }
-}
-
 pub(super) fn parse_routes(
     list: &[toml::Value],
     accounts: &[&str],
@@ -637,7 +625,8 @@ fn normalize_host(host: &str) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
     // A port, if written, is not part of matching: the Host header's port is ignored too.
-    valid.then(|| strip_port(&host).to_string())
+    let authority: Authority = host.parse().ok().filter(|_| valid)?;
+    Some(authority.host().to_owned())
 }
 
 /// Tells whether a host names this machine's loopback interface.
@@ -648,16 +637,6 @@ fn is_loopback(host: &str) -> bool {
             .trim_end_matches(']')
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Returns `host` without a trailing `:port` (IPv6 literals keep their brackets).
-pub fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..=h.len()]);
-    }
-    host.split_once(':').map_or(host, |(h, _)| h)
 }
 
 fn normalize_prefix(prefix: &str) -> Option<String> {
@@ -702,14 +681,6 @@ pub(super) fn parse_base_url(text: &str) -> Result<(Scheme, Authority, String), 
 mod tests {
     use super::*;
     use http::uri::Scheme;
-
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("a.example:8080"), "a.example");
-        assert_eq!(strip_port("a.example"), "a.example");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("[::1]"), "[::1]");
-    }
 
     #[test]
     fn prefixes_lose_their_trailing_slash() {

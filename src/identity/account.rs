@@ -4,8 +4,7 @@
 use super::breaker::{Breaker, BreakerPolicy, Verdict};
 use super::client::IdentityError;
 use super::token::Token;
-use crate::config::{read_secret_file, SecretSource};
-use crate::secret::Secret;
+use crate::secret::{read_secret_file, Secret, SecretSource};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -11,5 +11,4 @@ pub mod token;
 
 pub use account::{Account, Rejection, TokenUnavailable};
 pub use client::{Grant, IdentityClient, IdentityError};
-pub use refresher::error_chain;
 pub use token::Token;

@@ -5,6 +5,7 @@ use super::account::Account;
 use super::client::IdentityClient;
 use super::refresh::{before_expiry, retry_delay, RefreshPolicy, RetryPolicy};
 use super::token::Token;
+use crate::error_chain;
 use crate::shutdown::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -177,16 +178,4 @@ pub async fn watch_secret_file(account: Arc<Account>, every: Duration, mut shutd
             }
         }
     }
-}
-
-/// Renders an error with its sources, `outer: inner: innermost`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }

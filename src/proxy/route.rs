@@ -1,7 +1,7 @@
 //! Picking the route of a request: host first, then the longest path prefix.
 
 use super::upstream::Budget;
-use crate::config::{strip_port, RouteConfig, Upstream};
+use crate::config::{RouteConfig, Upstream};
 use crate::identity::Account;
 use http::uri::{InvalidUri, PathAndQuery};
 use std::sync::Arc;
@@ -112,6 +112,16 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
 }
 
+/// Returns `host` without a trailing `:port` (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    host.split_once(':').map_or(host, |(h, _)| h)
+}
+
 /// All routes, in the order they are tried.
 #[derive(Debug)]
 pub struct RouteTable {
@@ -177,6 +187,14 @@ mod tests {
 
     fn pick<'a>(t: &'a RouteTable, host: Option<&str>, path: &str) -> Option<&'a str> {
         t.find(host, path).map(|r| r.name.as_str())
+    }
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("a.example:8080"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Proxy {
             Err(error) => {
                 let (status, code, fault) = error.classify();
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-                let chain = crate::identity::error_chain(&error);
+                let chain = crate::error_chain(&error);
                 let peer = client.0.address.ip();
                 match fault {
                     Fault::Client => {
