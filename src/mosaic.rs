@@ -193,28 +193,6 @@ pub fn token_rejection(body: &[u8]) -> Option<ErrorCode> {
         .find(ErrorCode::is_token_rejection)
 }
 
-/// Builds a Mosaic-shaped GraphQL error reply body (`data: null`), as the services send it.
-pub fn error_body(code: &ErrorCode, message: &str, operation: Option<&str>, path: &str) -> String {
-    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-    serde_json::json!({
-        "errors": [{
-            "message": message,
-            "locations": [{"line": 1, "column": 1}],
-            "path": [path],
-            "extensions": {
-                "timestamp": now,
-                "operationName": operation,
-                "exception": {"code": code.as_str()}
-            },
-            "timestamp": now,
-            "code": code.as_str(),
-            "details": {}
-        }],
-        "data": null
-    })
-    .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,25 +210,50 @@ mod tests {
         assert_eq!(ErrorCode::parse("NEW_THING").as_str(), "NEW_THING");
     }
 
+    /// A Mosaic service's answer to a request whose token is refused for `code`, verbatim
+    /// in shape (`shared/mosaic-protocol.md` §2, §4): HTTP 200, `data` with nulls.
+    fn service_error(code: &str, message: &str) -> String {
+        format!(
+            r#"{{"errors":[{{"message":"{message}","locations":[{{"line":2,"column":3}}],"path":["getMedia"],"extensions":{{"timestamp":"2026-11-29T02:00:00.000Z","operationName":"GetMedia","exception":{{"code":"{code}"}}}},"timestamp":"2026-11-29T02:00:00.000Z","code":"{code}","details":{{}}}}],"data":{{"getMedia":null}}}}"#
+        )
+    }
+
     #[test]
     fn token_rejections_are_found_and_permission_errors_are_not() {
-        let expired = error_body(&ErrorCode::AccessTokenExpired, "x", None, "q");
-        assert_eq!(
-            token_rejection(expired.as_bytes()),
-            Some(ErrorCode::AccessTokenExpired)
-        );
-        let denied = error_body(&ErrorCode::UserNotAuthorized, "x", None, "q");
-        assert_eq!(token_rejection(denied.as_bytes()), None);
+        for (code, message, rejection) in [
+            ("ACCESS_TOKEN_EXPIRED", "Access Token has expired.", true),
+            ("ACCESS_TOKEN_REQUIRED", "Access Token is required.", true),
+            (
+                "ACCESS_TOKEN_VERIFICATION_FAILED",
+                "Access Token verification failed.",
+                true,
+            ),
+            ("SIGNING_KEY_NOT_FOUND", "Signing key not found.", true),
+            (
+                "USER_NOT_AUTHORIZED",
+                "User is not authorized to access the operation.",
+                false,
+            ),
+            ("JWKS_ERROR", "JWKS error.", false),
+        ] {
+            let body = service_error(code, message);
+            let found = token_rejection(body.as_bytes());
+            assert_eq!(found.is_some(), rejection, "{code}");
+            if let Some(found) = found {
+                assert_eq!(found.as_str(), code);
+            }
+        }
         assert_eq!(token_rejection(br#"{"data":{"a":1}}"#), None);
         assert_eq!(token_rejection(br#"{"errors": not json"#), None);
     }
 
     #[test]
     fn the_code_is_found_in_the_top_level_or_in_the_exception() {
-        let body = error_body(&ErrorCode::AccessTokenExpired, "x", None, "q");
-        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let err: GraphqlError = serde_json::from_value(value["errors"][0].clone()).unwrap();
-        assert_eq!(err.code(), Some(ErrorCode::AccessTokenExpired));
+        let top: GraphqlError = serde_json::from_str(
+            r#"{"message":"Access Token has expired.","code":"ACCESS_TOKEN_EXPIRED","details":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(top.code(), Some(ErrorCode::AccessTokenExpired));
         let nested: GraphqlError = serde_json::from_str(
             r#"{"message":"m","extensions":{"exception":{"code":"SIGNING_KEY_NOT_FOUND"}}}"#,
         )

@@ -307,20 +307,16 @@ mod tests {
 
     #[test]
     fn credential_errors_are_permanent_and_server_errors_transient() {
-        let refused = mosaic::error_body(
-            &ErrorCode::InvalidClientIdSecret,
-            "Invalid Client ID or Client Secret",
-            Some("GetServiceToken"),
-            "authenticateServiceAccount",
-        );
-        let err = ok(&refused).unwrap_err();
+        // Verbatim in shape: shared/mosaic-protocol.md §2.
+        let refused = r#"{"errors":[{"message":"Invalid Client ID or Client Secret","locations":[{"line":1,"column":72}],"path":["authenticateServiceAccount"],"extensions":{"timestamp":"2026-11-29T02:00:00.000Z","operationName":"GetServiceToken","exception":{"code":"INVALID_CLIENT_ID_SECRET"}},"timestamp":"2026-11-29T02:00:00.000Z","code":"INVALID_CLIENT_ID_SECRET","details":{}}],"data":null}"#;
+        let err = ok(refused).unwrap_err();
         assert!(matches!(
             err,
             IdentityError::Refused(ErrorCode::InvalidClientIdSecret)
         ));
         assert!(err.is_permanent());
-        let internal = mosaic::error_body(&ErrorCode::InternalServerError, "x", None, "a");
-        assert!(!ok(&internal).unwrap_err().is_permanent());
+        let internal = r#"{"errors":[{"message":"Internal server error","path":["authenticateServiceAccount"],"extensions":{"exception":{"code":"INTERNAL_SERVER_ERROR"}},"code":"INTERNAL_SERVER_ERROR","details":{}}],"data":null}"#;
+        assert!(!ok(internal).unwrap_err().is_permanent());
         let unknown = r#"{"errors":[{"message":"new","code":"SOMETHING_NEW"}],"data":null}"#;
         let err = ok(unknown).unwrap_err();
         assert!(

@@ -110,8 +110,8 @@ impl std::fmt::Debug for Token {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jwt::b64;
     use crate::secret::Secret;
+    use crate::stub::keys::b64;
 
     fn jwt_expiring_in(secs: f64) -> String {
         let now = SystemTime::now()

@@ -275,7 +275,7 @@ async fn token_endpoint(
         }
         Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
         Some(Fault::Error(code)) => {
-            let body = mosaic::error_body(
+            let body = super::error_body(
                 &code,
                 "Fault injected by the stand-in",
                 Some(mosaic::TOKEN_OPERATION),
@@ -330,7 +330,7 @@ fn login(state: &State, body: &Bytes) -> Response<StubBody> {
     let refuse = |code: ErrorCode, message: &str| {
         json(
             StatusCode::OK,
-            mosaic::error_body(
+            super::error_body(
                 &code,
                 message,
                 Some(mosaic::TOKEN_OPERATION),

@@ -29,6 +29,33 @@ pub fn json(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> http::Re
     crate::admin::json(status, body).map(|body| body.map_err(|never| match never {}).boxed())
 }
 
+/// Builds a Mosaic-shaped GraphQL error reply body (`data: null`), as the services send it.
+pub fn error_body(
+    code: &crate::mosaic::ErrorCode,
+    message: &str,
+    operation: Option<&str>,
+    path: &str,
+) -> String {
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    serde_json::json!({
+        "errors": [{
+            "message": message,
+            "locations": [{"line": 1, "column": 1}],
+            "path": [path],
+            "extensions": {
+                "timestamp": now,
+                "operationName": operation,
+                "exception": {"code": code.as_str()}
+            },
+            "timestamp": now,
+            "code": code.as_str(),
+            "details": {}
+        }],
+        "data": null
+    })
+    .to_string()
+}
+
 /// Connections a stand-in serves at once.
 const STAND_IN_MAX_CONNECTIONS: usize = 4096;
 

@@ -223,7 +223,7 @@ async fn answer(
             };
             return Ok(json(
                 StatusCode::OK,
-                mosaic::error_body(&code, message, None, "whoami"),
+                super::error_body(&code, message, None, "whoami"),
             ));
         }
     };
@@ -237,7 +237,7 @@ async fn answer(
         // A valid token without the permission: Mosaic's USER_NOT_AUTHORIZED.
         return Ok(json(
             StatusCode::OK,
-            mosaic::error_body(
+            super::error_body(
                 &ErrorCode::UserNotAuthorized,
                 "User is not authorized to access the operation.",
                 None,
@@ -347,7 +347,7 @@ async fn verify(state: &State, token: &str) -> Result<Value, ErrorCode> {
         .and_then(Value::as_str)
         .ok_or(ErrorCode::SigningKeyNotFound)?;
     let key = key_for(state, kid, &parts.claims).await?;
-    if !key.verifies(&parts) {
+    if !key.verifies(token) {
         return Err(ErrorCode::AccessTokenVerificationFailed);
     }
     if parts.claims.get("iss").and_then(Value::as_str) != Some(mosaic::ISSUER) {
