@@ -202,10 +202,17 @@ async fn a_refresh_that_returns_the_same_token_is_not_replayed_and_backs_off() {
     let token = current_token(&h).await;
     h.stubs.upstream.revoke(token.clone());
     h.stubs.identity.set_fault(Some(Fault::SameToken));
+    let before = h.stubs.upstream.requests();
     for _ in 0..5 {
         let reply = get(&h.proxy.url("/whoami")).await;
         assert_eq!(reply.json()["errors"][0]["code"], "ACCESS_TOKEN_EXPIRED");
     }
+    // Each request reached the upstream once: a token equal to the refused one is no cure.
+    assert_eq!(
+        h.stubs.upstream.requests(),
+        before + 5,
+        "a request was replayed"
+    );
     // The breaker sees the same token refused again and again: asking stops.
     let tokens = h.stubs.identity.token_requests();
     assert!(tokens <= 5, "{tokens} token requests");
