@@ -18,7 +18,7 @@ use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubSettings};
 use mosaic_auth_proxy::{App, Config};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 const JWT: &str =
@@ -35,7 +35,7 @@ fn account_with_token() -> Account {
     let grant = Grant {
         access_token: Secret::new(JWT),
         lifetime: Duration::from_secs(3600),
-        sent_at: Instant::now(),
+        sent_at: tokio::time::Instant::now(),
     };
     account.install(Token::new(grant, &RefreshPolicy::default(), 0.0).unwrap());
     account

@@ -5,7 +5,7 @@ use mosaic_auth_proxy::config::SecretSource;
 use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
 use mosaic_auth_proxy::secret::Secret;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const JWT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.c2ln";
 
@@ -21,7 +21,7 @@ fn reading_the_cached_token_allocates_nothing() {
     let grant = Grant {
         access_token: Secret::new(JWT),
         lifetime: Duration::from_secs(3600),
-        sent_at: Instant::now(),
+        sent_at: tokio::time::Instant::now(),
     };
     account.install(Token::new(grant, &RefreshPolicy::default(), 0.0).unwrap());
     // The first read on a thread may set up that thread's bookkeeping.

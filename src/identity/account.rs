@@ -9,8 +9,9 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
 /// What the refresher last did, watched by requests that wait for a token and by readiness.
 #[derive(Clone, Debug, Default)]
@@ -122,7 +123,7 @@ impl Account {
             return Ok(header);
         }
         let mut progress = self.progress.subscribe();
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = Instant::now() + wait;
         loop {
             if let Some(header) = self.usable_header() {
                 return Ok(header);
@@ -139,7 +140,7 @@ impl Account {
 
     /// Waits until a usable token is cached, across failed attempts, until `deadline`.
     /// Returns whether one is.
-    pub async fn wait_ready(&self, deadline: tokio::time::Instant) -> bool {
+    pub async fn wait_ready(&self, deadline: Instant) -> bool {
         let mut progress = self.progress.subscribe();
         loop {
             if self.is_ready() {

@@ -2,7 +2,8 @@
 //! (a permission problem, a misrouted request), so the proxy never loops on them.
 
 use http::HeaderValue;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// When the breaker opens and for how long.
 #[derive(Clone, Debug, PartialEq)]

@@ -4,7 +4,8 @@ use crate::mosaic::{self, ErrorCode, GraphqlError};
 use crate::secret::Secret;
 use http::StatusCode;
 use serde_json::Value;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The longest lifetime taken at face value; longer ones are called broken (31 days).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(31 * 24 * 3600);

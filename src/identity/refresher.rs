@@ -9,7 +9,8 @@ use crate::error_chain;
 use crate::shutdown::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How far `exp` may disagree with `expiresInSeconds` before a warning; Mosaic's
 /// truncation of `iat` to the second alone accounts for one.
@@ -145,7 +146,7 @@ pub async fn keep_fresh(
         // token now.
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(next.into()) => break,
+                _ = tokio::time::sleep_until(next) => break,
                 _ = account.wake.notify.notified() => {
                     if account.wake.secret_changed.load(Ordering::SeqCst)
                         || (account.wake.rejected.load(Ordering::SeqCst) && !repeating)

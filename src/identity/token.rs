@@ -6,7 +6,8 @@ use crate::jwt;
 use crate::secret::fingerprint;
 use bytes::Bytes;
 use http::HeaderValue;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 /// One access token, ready to be injected.
 pub struct Token {
