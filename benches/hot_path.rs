@@ -8,7 +8,6 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mosaic_auth_proxy::config::SecretSource;
 use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
 use mosaic_auth_proxy::proxy::headers::{remove_hop_by_hop, ClientAddress};
@@ -25,20 +24,15 @@ const JWT: &str =
     "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.c2lnbmF0dXJl";
 
 fn account_with_token() -> Account {
-    let account = Account::new(
-        "bench",
-        "client",
-        Secret::new("secret"),
-        SecretSource::Inline,
-        Default::default(),
-    );
     let grant = Grant {
         access_token: Secret::new(JWT),
         lifetime: Duration::from_secs(3600),
         sent_at: tokio::time::Instant::now(),
     };
-    account.install(Token::new(grant, &RefreshPolicy::default(), 0.0).unwrap());
-    account
+    Account::with_token(
+        "bench",
+        Token::new(grant, &RefreshPolicy::default(), 0.0).unwrap(),
+    )
 }
 
 fn typical_headers() -> HeaderMap {

@@ -79,6 +79,7 @@ impl App {
                     &a.client_id,
                     a.secret.clone(),
                     a.secret_source.clone(),
+                    config.identity.retry.clone(),
                     config.identity.breaker.clone(),
                 ))
             })
@@ -133,7 +134,7 @@ impl App {
             identity,
             policies: Policies {
                 refresh: config.identity.refresh.clone(),
-                retry: config.identity.retry.clone(),
+                sample: rand::random::<f64>,
             },
             secret_poll: config.identity.secret_poll,
             shutdown_grace: config.server.shutdown_grace,

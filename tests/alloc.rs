@@ -1,7 +1,6 @@
 //! The token read on the request path allocates nothing. Its own binary: it counts every
 //! allocation of the process.
 
-use mosaic_auth_proxy::config::SecretSource;
 use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
 use mosaic_auth_proxy::secret::Secret;
@@ -11,19 +10,13 @@ const JWT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.c
 
 #[test]
 fn reading_the_cached_token_allocates_nothing() {
-    let account = Account::new(
-        "a",
-        "client",
-        Secret::new("secret"),
-        SecretSource::Inline,
-        Default::default(),
-    );
     let grant = Grant {
         access_token: Secret::new(JWT),
         lifetime: Duration::from_secs(3600),
         sent_at: tokio::time::Instant::now(),
     };
-    account.install(Token::new(grant, &RefreshPolicy::default(), 0.0).unwrap());
+    let token = Token::new(grant, &RefreshPolicy::default(), 0.0).unwrap();
+    let account = Account::with_token("a", token);
     // The first read on a thread may set up that thread's bookkeeping.
     assert!(account.usable_header().is_some());
     let counted = allocation_counter::measure(|| {

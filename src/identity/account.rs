@@ -1,9 +1,12 @@
 //! One service account: its secret, its cached token (one writer, lock-free readers), and
 //! the signals between request path and refresher.
 
-use super::breaker::{Breaker, BreakerPolicy, Verdict};
+use super::breaker::BreakerPolicy;
 use super::client::IdentityError;
+use super::lifecycle::{Arrival, Lifecycle, Refusal};
+use super::refresh::RetryPolicy;
 use super::token::Token;
+use crate::error_chain;
 use crate::secret::{read_secret_file, Secret, SecretSource};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
@@ -15,13 +18,13 @@ use tokio::time::Instant;
 
 /// What the refresher last did, watched by requests that wait for a token and by readiness.
 #[derive(Clone, Debug, Default)]
-pub(super) struct Progress {
+struct Progress {
     /// A token request is under way or about to be.
-    pub(super) fetching: bool,
+    fetching: bool,
     /// The last request failed, and why; `None` after a success.
-    pub(super) failure: Option<Arc<IdentityError>>,
+    failure: Option<Arc<IdentityError>>,
     /// When the refresher will ask next, if it is waiting.
-    pub(super) next_attempt: Option<Instant>,
+    next_attempt: Option<Instant>,
 }
 
 /// Why a request cannot be given a token now.
@@ -42,27 +45,26 @@ pub enum Rejection {
     Held,
 }
 
-/// Why the refresher should ask for a token before its schedule says so.
-#[derive(Debug, Default)]
-pub(super) struct Wake {
-    pub(super) notify: Notify,
-    /// An upstream refused the current token.
-    pub(super) rejected: AtomicBool,
-    /// The client secret changed.
-    pub(super) secret_changed: AtomicBool,
-}
+/// How far `exp` may disagree with `expiresInSeconds` before a warning; Mosaic's
+/// truncation of `iat` to the second alone accounts for one.
+const CLOCK_WARNING_SECS: f64 = 5.0;
 
-/// One named service account and its current token.
+/// One named service account and its current token. The token is written only here, as
+/// the account's [`Lifecycle`] decides: when the refresher reports a token request's
+/// outcome ([`Account::settle`]) and when an upstream refuses the token ([`Account::reject`]).
 #[derive(Debug)]
 pub struct Account {
-    pub(super) name: String,
-    pub(super) client_id: String,
+    name: String,
+    client_id: String,
     secret: ArcSwap<Secret>,
     secret_source: SecretSource,
-    pub(super) current: ArcSwapOption<Token>,
-    pub(super) progress: watch::Sender<Progress>,
-    pub(super) wake: Wake,
-    breaker: Mutex<Breaker>,
+    current: ArcSwapOption<Token>,
+    progress: watch::Sender<Progress>,
+    /// Wakes the refresher for a token request now (a rejection, a new secret).
+    wake: Notify,
+    lifecycle: Mutex<Lifecycle>,
+    /// Set once the clock warning was given, so it is given once.
+    warned_clock: AtomicBool,
 }
 
 impl Account {
@@ -72,6 +74,7 @@ impl Account {
         client_id: impl Into<String>,
         secret: Secret,
         secret_source: SecretSource,
+        retry: RetryPolicy,
         breaker: BreakerPolicy,
     ) -> Account {
         let progress = Progress {
@@ -85,14 +88,37 @@ impl Account {
             secret_source,
             current: ArcSwapOption::empty(),
             progress: watch::channel(progress).0,
-            wake: Wake::default(),
-            breaker: Mutex::new(Breaker::new(breaker)),
+            wake: Notify::new(),
+            lifecycle: Mutex::new(Lifecycle::new(retry, breaker)),
+            warned_clock: AtomicBool::new(false),
         }
+    }
+
+    /// Creates an account that holds `token` from the start, with default policies and no
+    /// refresher (benchmarks and tests of the request path).
+    pub fn with_token(name: impl Into<String>, token: Token) -> Account {
+        let name = name.into();
+        let account = Account::new(
+            name.clone(),
+            name,
+            Secret::new("unused"),
+            SecretSource::Inline,
+            RetryPolicy::default(),
+            BreakerPolicy::default(),
+        );
+        account.current.store(Some(Arc::new(token)));
+        account.progress.send_modify(|p| p.fetching = false);
+        account
     }
 
     /// Returns the account's name from the configuration.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Returns the account's Client ID.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
     }
 
     /// Returns the current client secret.
@@ -171,51 +197,135 @@ impl Account {
         }
     }
 
-    /// Replaces the cached token. In a running proxy the refresher is the only caller.
-    pub fn install(&self, token: Token) {
-        self.current.store(Some(Arc::new(token)));
-    }
-
-    /// Records that an upstream refused the token `sent`: unless the breaker holds, the
-    /// token is dropped if it is still the current one (a newer one is kept) and the
-    /// refresher is woken; everyone then shares its one token request.
+    /// Records that an upstream refused the token `sent`: unless the breaker holds (or the
+    /// identity service keeps handing out that very token), the token is dropped if it is
+    /// still the current one (a newer one is kept) and the refresher is woken; everyone then
+    /// shares its one token request.
     pub fn reject(&self, sent: &HeaderValue) -> Rejection {
-        let verdict = self
-            .breaker
-            .lock()
-            .expect("breaker lock")
-            .on_rejection(sent, Instant::now());
-        match verdict {
-            Verdict::Hold { opened: true } => {
+        let current = self.current.load();
+        let token = current.as_deref().filter(|t| t.header() == sent);
+        let refusal = self
+            .lifecycle()
+            .rejected(sent, token.is_some(), Instant::now());
+        match refusal {
+            Refusal::Hold { opened: true } => {
                 tracing::error!(
                     account = %self.name,
                     "upstreams keep refusing fresh tokens of this account (a permission or routing problem?); passing their answers through without refreshing for a while"
                 );
-                return Rejection::Held;
+                Rejection::Held
             }
-            Verdict::Hold { opened: false } => return Rejection::Held,
-            Verdict::React => {}
+            Refusal::Hold { opened: false } | Refusal::Wait => Rejection::Held,
+            Refusal::UseNewer => Rejection::Refresh,
+            Refusal::RefreshNow => {
+                let previous = self.current.compare_and_swap(&current, None::<Arc<Token>>);
+                if let Some(token) =
+                    token.filter(|t| previous.as_ref().is_some_and(|p| std::ptr::eq(&**p, *t)))
+                {
+                    tracing::info!(
+                        account = %self.name,
+                        token = token.fingerprint(),
+                        "an upstream refused the token; refreshing"
+                    );
+                    self.progress.send_modify(|p| p.fetching = true);
+                    self.wake.notify_one();
+                }
+                Rejection::Refresh
+            }
         }
-        let current = self.current.load();
-        if let Some(token) = current.as_deref().filter(|t| t.header() == sent) {
-            let previous = self.current.compare_and_swap(&current, None::<Arc<Token>>);
-            if previous.as_ref().is_some_and(|p| std::ptr::eq(&**p, token)) {
+    }
+
+    /// Marks a token request as under way, for requests that wait for it.
+    pub(super) fn begin_request(&self) {
+        self.progress.send_modify(|p| p.fetching = true);
+    }
+
+    /// Resolves when a token is wanted before the schedule says so.
+    pub(super) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Carries out what the lifecycle decides about a token request's `outcome`; returns
+    /// when to ask next. `sample` in `[0, 1)` jitters a retry.
+    pub(super) fn settle(&self, outcome: Result<Token, IdentityError>, sample: f64) -> Instant {
+        let now = Instant::now();
+        let (next, failure) = match outcome {
+            Ok(token) => (self.arrived(token, now, sample), None),
+            Err(error) => (self.failed(&error, now, sample), Some(Arc::new(error))),
+        };
+        self.progress.send_modify(|p| {
+            p.fetching = false;
+            p.failure = failure;
+            p.next_attempt = Some(next);
+        });
+        next
+    }
+
+    fn arrived(&self, token: Token, now: Instant, sample: f64) -> Instant {
+        let arrival = self
+            .lifecycle()
+            .arrived(token.header(), token.refresh_at(), now, sample);
+        let next = match arrival {
+            Arrival::Install {
+                next,
+                recovered_after,
+                ..
+            } => {
                 tracing::info!(
                     account = %self.name,
                     token = token.fingerprint(),
-                    "an upstream refused the token; refreshing"
+                    lifetime_s = token.lifetime().as_secs_f32(),
+                    refresh_in_s = next.saturating_duration_since(now).as_secs_f32(),
+                    recovered_after,
+                    "obtained an access token"
                 );
-                self.progress.send_modify(|p| p.fetching = true);
-                self.wake.rejected.store(true, Ordering::SeqCst);
-                self.wake.notify.notify_one();
+                next
             }
+            Arrival::BackOff { next, first } => {
+                if first {
+                    tracing::warn!(account = %self.name, token = token.fingerprint(), "the identity service returned the same token again; backing off");
+                }
+                next
+            }
+        };
+        if token.clock_gap().abs() > CLOCK_WARNING_SECS
+            && !self.warned_clock.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                account = %self.name,
+                gap_s = token.clock_gap(),
+                "the token's exp disagrees with expiresInSeconds by the local clock; refreshing by the earlier of the two (is this host's clock off?)"
+            );
         }
-        Rejection::Refresh
+        self.current.store(Some(Arc::new(token)));
+        next
     }
 
-    /// Records the token obtained in answer to a rejection.
-    pub(super) fn record_cure(&self, header: HeaderValue) {
-        self.breaker.lock().expect("breaker lock").on_cure(header);
+    fn failed(&self, error: &IdentityError, now: Instant, sample: f64) -> Instant {
+        let usable_for = self
+            .current
+            .load()
+            .as_deref()
+            .map(|t| t.usable_until().saturating_duration_since(now))
+            .filter(|left| !left.is_zero());
+        let retry =
+            self.lifecycle()
+                .failed(error.is_permanent(), error.kind(), usable_for, now, sample);
+        let retry_in_s = retry.next.saturating_duration_since(now).as_secs_f32();
+        let still_usable = usable_for.is_some();
+        // One line per change of state, not one per try.
+        if !retry.new_kind {
+            tracing::debug!(account = %self.name, kind = error.kind(), "token request failed again");
+        } else if error.is_permanent() {
+            tracing::error!(account = %self.name, error = %error_chain(error), retry_in_s, still_usable, "token request refused");
+        } else {
+            tracing::warn!(account = %self.name, error = %error_chain(error), retry_in_s, still_usable, "token request failed");
+        }
+        retry.next
+    }
+
+    fn lifecycle(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Reads the secret again from its source; on a change, stores it and has the refresher
@@ -235,8 +345,8 @@ impl Account {
         }
         self.secret.store(Arc::new(fresh));
         tracing::info!(account = %self.name, "the client secret changed; requesting a token with it");
-        self.wake.secret_changed.store(true, Ordering::SeqCst);
-        self.wake.notify.notify_one();
+        self.lifecycle().secret_changed();
+        self.wake.notify_one();
         Ok(true)
     }
 }

@@ -175,6 +175,7 @@ mod tests {
             crate::secret::Secret::new("s"),
             crate::config::SecretSource::Inline,
             Default::default(),
+            Default::default(),
         ));
         RouteTable::new(
             config
