@@ -45,18 +45,20 @@ async fn tokens_rotate_under_continuous_traffic_without_one_failed_request() {
     let text = stubs.config("refresh_margin = \"200ms\"\nrefresh_jitter = 0.0", "");
     let proxy = TestProxy::start(&text).await.ready().await;
     let load = traffic(proxy.url("/whoami"), 8);
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // A 2 s token is refreshed every second (its exact cadence is tested on paused time).
+    let rotated = eventually(Duration::from_secs(20), async || {
+        stubs.identity.token_requests() >= 4
+    })
+    .await;
     let (done, failures, sample) = load.stop().await;
-    assert!(done > 1000, "only {done} requests were made");
+    assert!(rotated, "the token did not rotate under traffic");
+    assert!(done > 100, "only {done} requests were made");
     assert_eq!(
         failures, 0,
         "{failures} of {done} requests failed: {sample:?}"
     );
     assert_eq!(stubs.upstream.expired(), 0);
     assert_eq!(stubs.upstream.refused(), 0);
-    // A 2 s token refreshed at 75% of what is left of it: ten to twenty tokens in 20 s.
-    let tokens = stubs.identity.token_requests();
-    assert!((10..=22).contains(&tokens), "{tokens} token requests");
 }
 
 #[tokio::test]
