@@ -248,7 +248,7 @@ impl Drop for Exchange {
         };
         self.client.note_cancelled();
         let slot = self.slot.take();
-        tokio::spawn(async move {
+        in_background(async move {
             let deadline = tokio::time::Instant::now() + DRAIN_TIME;
             if let Ok(Ok(response)) = tokio::time::timeout_at(deadline, future).await {
                 drain(response.into_body(), deadline).await;
@@ -326,11 +326,18 @@ impl Drop for UpstreamBody {
             .is_none_or(|n| n <= DRAIN_LIMIT_BYTES as u64);
         if small {
             let slot = self.slot.take();
-            tokio::spawn(async move {
+            in_background(async move {
                 drain(body, tokio::time::Instant::now() + DRAIN_TIME).await;
                 drop(slot);
             });
         }
+    }
+}
+
+/// Runs `work` on the runtime, if there still is one (a drop at runtime shutdown has none).
+fn in_background(work: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(work);
     }
 }
 
