@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use mosaic_auth_proxy::BoxError;
 pub type TestBody = BoxBody<Bytes, BoxError>;
 
 /// The secret of the stand-in's default account, given to the proxy through `env`.
