@@ -224,8 +224,34 @@ pub struct RouteConfig {
     pub upgrades: Vec<String>,
     /// Connections to this route's upstream at once; `None`: `server.upstream_max_connections`.
     pub max_connections: Option<usize>,
+    /// Who may borrow the route's account; empty: whoever reaches the listener.
+    pub access: AccessRules,
     /// Index into [`Config::accounts`].
     pub account: usize,
+}
+
+/// The `[routes.access]` table: every rule given must hold for a request to be forwarded.
+#[derive(Clone, Debug, Default)]
+pub struct AccessRules {
+    /// Client networks; empty: any.
+    pub networks: Vec<ipnet::IpNet>,
+    /// Allowed methods; empty: any.
+    pub methods: Vec<http::Method>,
+    /// Allowed paths below the route's prefix (`*` one segment, a trailing `/**` any rest);
+    /// empty: any.
+    pub paths: Vec<String>,
+    /// A header the client must send with this value; removed before forwarding.
+    pub marker: Option<(http::HeaderName, Secret)>,
+}
+
+impl AccessRules {
+    /// Tells whether the route is open to whoever reaches the listener.
+    pub fn is_open(&self) -> bool {
+        self.networks.is_empty()
+            && self.methods.is_empty()
+            && self.paths.is_empty()
+            && self.marker.is_none()
+    }
 }
 
 /// An upstream base URL, split into the parts a request is built from.
@@ -306,7 +332,7 @@ impl Config {
             .map(|t| t.keys().map(String::as_str).collect())
             .unwrap_or_default();
         let routes = match top.array("routes") {
-            Some(list) => parse_routes(list, &account_names, &mut errors),
+            Some(list) => parse_routes(list, &account_names, env, &mut errors),
             None => {
                 if !root.contains_key("routes") {
                     top.error(
@@ -319,6 +345,16 @@ impl Config {
             }
         };
         errors.splice(0..0, top.errors);
+        if !server.listen.ip().is_loopback() {
+            for (i, route) in routes.iter().enumerate() {
+                if route.access.is_open() {
+                    warnings.push(format!(
+                        "routes[{i}] lends its account to every client that reaches {}; add [routes.access] rules (networks, a marker header, ...) for a listener off this machine",
+                        server.listen
+                    ));
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(Config {
                 server,

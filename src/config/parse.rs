@@ -2,16 +2,16 @@
 
 use super::section::Section;
 use super::{
+    AccessRules, ConnectionLimits, DEFAULT_BODY_TIMEOUT, DEFAULT_H2_CONNECTION_WINDOW,
+    DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_H2_STREAM_WINDOW, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES,
+    DEFAULT_REPLAY_MEMORY, DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+};
+use super::{
     AccountConfig, ConfigError, EnvLookup, IdentityConfig, RouteConfig, SecretSource, ServerConfig,
     TlsConfig, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY_ORIGIN,
     DEFAULT_IDENTITY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_REPLY_BYTES, DEFAULT_REPLAY_BODY_LIMIT,
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_TIMEOUT,
-};
-use super::{
-    ConnectionLimits, DEFAULT_BODY_TIMEOUT, DEFAULT_H2_CONNECTION_WINDOW,
-    DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_H2_STREAM_WINDOW, DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES,
-    DEFAULT_REPLAY_MEMORY, DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
 };
 use super::{
     DEFAULT_CANCELLED_STREAMS_WINDOW, DEFAULT_MAX_CANCELLED_STREAMS,
@@ -472,6 +472,7 @@ fn resolve_secret(
 pub(super) fn parse_routes(
     list: &[toml::Value],
     accounts: &[&str],
+    env: EnvLookup<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::new();
@@ -505,6 +506,7 @@ pub(super) fn parse_routes(
                 "allow_encoded_slashes",
                 "upgrades",
                 "max_connections",
+                "access",
                 "account",
             ],
         );
@@ -557,6 +559,10 @@ pub(super) fn parse_routes(
         let max_connections = s
             .typed_integer("max_connections", (1, 100_000))
             .map(|n| n as usize);
+        let access = match s.table("access") {
+            Some(table) => parse_access(&format!("routes[{i}].access"), table, env, errors),
+            None => AccessRules::default(),
+        };
         let upgrades = match s.string_list("upgrades") {
             None => vec!["websocket".to_owned()],
             Some(list) => {
@@ -605,6 +611,7 @@ pub(super) fn parse_routes(
                 allow_encoded_slashes,
                 upgrades,
                 max_connections,
+                access,
                 account,
             });
         }
@@ -616,6 +623,118 @@ pub(super) fn parse_routes(
 /// Tells whether `b` may stand in an HTTP token (RFC 9110 §5.6.2), such as a protocol name.
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn parse_access(
+    path: &str,
+    table: &toml::Table,
+    env: EnvLookup<'_>,
+    errors: &mut Vec<ConfigError>,
+) -> AccessRules {
+    let mut s = Section::new(
+        path,
+        table,
+        &[
+            "networks",
+            "methods",
+            "paths",
+            "header",
+            "header_value_env",
+            "header_value_file",
+            "header_value",
+        ],
+    );
+    let mut rules = AccessRules::default();
+    for text in s.string_list("networks").unwrap_or_default() {
+        match parse_network(text) {
+            Some(net) => rules.networks.push(net),
+            None => s.error(
+                "networks",
+                format!("{text:?} is not an address or network"),
+                "write CIDR networks or addresses, such as \"10.0.0.0/8\" or \"fd00::/8\"",
+            ),
+        }
+    }
+    for text in s.string_list("methods").unwrap_or_default() {
+        match http::Method::from_bytes(text.trim().to_ascii_uppercase().as_bytes()) {
+            Ok(method) => rules.methods.push(method),
+            Err(_) => s.error(
+                "methods",
+                format!("{text:?} is not an HTTP method"),
+                "list methods such as \"GET\" and \"POST\"",
+            ),
+        }
+    }
+    for text in s.string_list("paths").unwrap_or_default() {
+        if text.starts_with('/') && !text.contains(['?', '#', ' ']) {
+            rules.paths.push(text.to_owned());
+        } else {
+            s.error(
+                "paths",
+                format!("{text:?} is not a path pattern"),
+                "write paths below the route's prefix, such as \"/graphql\" or \"/files/**\"",
+            );
+        }
+    }
+    if let Some(name) = s.string("header") {
+        let value = match (
+            s.string("header_value_env"),
+            s.string("header_value_file"),
+            s.string("header_value"),
+        ) {
+            (Some(var), None, None) => match env(var) {
+                Some(v) if !v.trim().is_empty() => Some(Secret::new(v.trim())),
+                _ => {
+                    s.error(
+                        "header_value_env",
+                        format!("names {var}, which is not set or empty"),
+                        format!("export {var} with the value clients must send"),
+                    );
+                    None
+                }
+            },
+            (None, Some(file), None) => match read_secret_file(std::path::Path::new(file)) {
+                Ok(secret) => Some(secret),
+                Err(problem) => {
+                    s.error(
+                        "header_value_file",
+                        problem,
+                        "point it at a readable file that holds only the value",
+                    );
+                    None
+                }
+            },
+            (None, None, Some(v)) if !v.trim().is_empty() => Some(Secret::new(v.trim())),
+            _ => {
+                s.error(
+                    "header_value_env",
+                    "is missing, or given with another header_value key",
+                    "give exactly one of header_value_env, header_value_file and header_value",
+                );
+                None
+            }
+        };
+        match http::HeaderName::from_bytes(name.trim().as_bytes()) {
+            Ok(header) => rules.marker = value.map(|v| (header, v)),
+            Err(_) => s.error(
+                "header",
+                format!("{name:?} is not a header name"),
+                "name a header such as \"x-proxy-key\"",
+            ),
+        }
+    } else {
+        for key in ["header_value_env", "header_value_file", "header_value"] {
+            if table.contains_key(key) {
+                s.error(
+                    key,
+                    "is given without header",
+                    "name the header with header",
+                );
+            }
+        }
+    }
+    errors.extend(s.errors);
+    rules
 }
 
 fn normalize_host(host: &str) -> Option<String> {

@@ -1,5 +1,6 @@
 //! Every way a proxied request can fail, and the one table that maps each to a status.
 
+use super::access::Denied;
 use super::body::ProxyBody;
 use super::path::PathError;
 use crate::identity::TokenUnavailable;
@@ -28,6 +29,8 @@ pub enum ProxyError {
     BadHost,
     #[error(transparent)]
     BadPath(PathError),
+    #[error(transparent)]
+    Denied(Denied),
     #[error("the request target cannot be forwarded")]
     BadTarget(#[source] http::Error),
     #[error("the request body could not be read")]
@@ -62,6 +65,8 @@ const UPSTREAM_BUSY_RETRY_AFTER_SECS: u64 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     Client,
+    /// A client refused by a route's access rules: worth an info line.
+    Access,
     Upstream,
     Identity,
     /// A bug of the proxy.
@@ -92,6 +97,7 @@ impl ProxyError {
             ProxyError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long", Fault::Client),
             ProxyError::BadHost => (StatusCode::BAD_REQUEST, "bad_host", Fault::Client),
             ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path", Fault::Client),
+            ProxyError::Denied(_) => (StatusCode::FORBIDDEN, "access_denied", Fault::Access),
             ProxyError::BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target", Fault::Client),
             ProxyError::ClientBody(_) => (StatusCode::BAD_REQUEST, "bad_body", Fault::Client),
             ProxyError::BodyTimeout(_) => {

@@ -5,6 +5,7 @@
 //! each upstream within its budget and its connections through cancellations. [`error`] maps every
 //! failure to one status by who is at fault.
 
+pub mod access;
 pub mod body;
 pub mod error;
 pub mod forward;

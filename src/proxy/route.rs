@@ -1,5 +1,6 @@
 //! Picking the route of a request: host first, then the longest path prefix.
 
+use super::access::Access;
 use super::upstream::Budget;
 use crate::config::{RouteConfig, Upstream};
 use crate::identity::Account;
@@ -21,6 +22,8 @@ pub struct Route {
     pub upgrades: Vec<String>,
     /// The upstream's budget of requests and connections, shared by its routes.
     pub budget: Arc<Budget>,
+    /// Who may borrow the account.
+    pub access: Access,
     pub account: Arc<Account>,
     /// `host/prefix`, for logs.
     pub name: String,
@@ -43,8 +46,18 @@ impl Route {
             allow_encoded_slashes: config.allow_encoded_slashes,
             upgrades: config.upgrades.clone(),
             budget,
+            access: Access::new(&config.access),
             account,
             name,
+        }
+    }
+
+    /// Returns what `path` (which this route matched) has below the prefix.
+    pub fn rest_of<'a>(&self, path: &'a str) -> &'a str {
+        if self.prefix == "/" {
+            path
+        } else {
+            &path[self.prefix.len().min(path.len())..]
         }
     }
 

@@ -119,6 +119,9 @@ impl Proxy {
                     Fault::Client => {
                         tracing::debug!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
                     }
+                    Fault::Access => {
+                        tracing::info!(http.method = %method, %peer, status = status.as_u16(), code, error = %chain, "access refused")
+                    }
                     Fault::Upstream | Fault::Identity => {
                         tracing::warn!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
                     }
@@ -258,6 +261,15 @@ impl Proxy {
                 return Err(ProxyError::BadPath(PathError::EscapesRoute));
             }
         }
+        route
+            .access
+            .check(
+                client.0.address.ip(),
+                request.method(),
+                route.rest_of(&judged.path),
+                request.headers(),
+            )
+            .map_err(ProxyError::Denied)?;
         let forwarded_host = host_header.cloned().or_else(|| {
             let authority = request.uri().authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
@@ -446,6 +458,9 @@ fn rewrite(
     remove_hop_by_hop(headers);
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
+    if let Some(marker) = route.access.marker() {
+        headers.remove(marker);
+    }
     // The upstream connection picks its own version (ALPN); hyper sets Host from the URI.
     parts.version = Version::HTTP_11;
     Ok(())

@@ -315,3 +315,45 @@ fn upstream_and_cancel_budgets_have_defaults_and_named_errors() {
         Some(8)
     );
 }
+
+#[test]
+fn access_rules_are_read_and_bad_ones_named() {
+    let text = format!(
+        "{VALID}[routes.access]\nnetworks = [\"10.0.0.0/8\", \"::1\"]\nmethods = [\"get\", \"POST\"]\npaths = [\"/graphql\"]\nheader = \"x-proxy-key\"\nheader_value_env = \"SECRET\"\n"
+    );
+    let access = &Config::parse(&text, &env).unwrap().routes[0].access;
+    assert_eq!(access.networks.len(), 2);
+    assert_eq!(access.methods, [http::Method::GET, http::Method::POST]);
+    assert_eq!(access.marker.as_ref().unwrap().0, "x-proxy-key");
+    assert!(
+        !format!("{access:?}").contains("s3cr3t"),
+        "the marker value is a secret"
+    );
+
+    let bad = format!(
+        "{VALID}[routes.access]\nnetworks = [\"lan\"]\nmethods = [\"G E T\"]\npaths = [\"graphql\"]\nheader = \"x-proxy-key\"\nheader_value_env = \"MISSING\"\ncolour = 1\n"
+    );
+    assert_eq!(
+        keys(&bad),
+        [
+            "routes[0].access.colour",
+            "routes[0].access.networks",
+            "routes[0].access.methods",
+            "routes[0].access.paths",
+            "routes[0].access.header_value_env",
+        ]
+    );
+}
+
+#[test]
+fn a_listener_off_loopback_with_an_open_route_is_warned_about() {
+    let open = VALID.replace(
+        "[[routes]]",
+        "[server]\nlisten = \"0.0.0.0:8080\"\n[[routes]]",
+    );
+    let warnings = Config::parse(&open, &env).unwrap().warnings;
+    assert!(warnings[0].contains("routes[0]"), "{warnings:?}");
+    let guarded = format!("{open}[routes.access]\nnetworks = [\"10.0.0.0/8\"]\n");
+    assert!(Config::parse(&guarded, &env).unwrap().warnings.is_empty());
+    assert!(Config::parse(VALID, &env).unwrap().warnings.is_empty());
+}

@@ -1,5 +1,6 @@
 //! Integration tests: real sockets on loopback, port 0, the stand-ins behaving like Mosaic.
 
+mod access;
 mod amplify;
 mod cli;
 mod config;
