@@ -3,7 +3,7 @@
 use crate::config::{Config, ConnectionLimits, SecretSource};
 use crate::identity::refresher::{keep_fresh, watch_secret_file, Policies};
 use crate::identity::{Account, IdentityClient};
-use crate::proxy::forward::upstream_client;
+use crate::proxy::forward::upstream_clients;
 use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
 use crate::server::{derived_max_connections, serve};
@@ -105,7 +105,7 @@ impl App {
             .collect();
         let proxy = Arc::new(Proxy::new(
             RouteTable::new(routes),
-            upstream_client(tls, config.server.connect_timeout, Arc::new(budgets)),
+            upstream_clients(tls, config.server.connect_timeout, Arc::new(budgets)),
             &config.server,
         ));
         let mut limits = config.server.limits.clone();

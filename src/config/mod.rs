@@ -226,6 +226,8 @@ pub struct RouteConfig {
     pub max_connections: Option<usize>,
     /// Who may borrow the route's account; empty: whoever reaches the listener.
     pub access: AccessRules,
+    /// Speak HTTP/2 with prior knowledge (h2c) to an `http://` upstream.
+    pub h2c: bool,
     /// Index into [`Config::accounts`].
     pub account: usize,
 }

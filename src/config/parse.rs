@@ -507,6 +507,7 @@ pub(super) fn parse_routes(
                 "upgrades",
                 "max_connections",
                 "access",
+                "h2c",
                 "account",
             ],
         );
@@ -559,6 +560,14 @@ pub(super) fn parse_routes(
         let max_connections = s
             .typed_integer("max_connections", (1, 100_000))
             .map(|n| n as usize);
+        let h2c = s.bool("h2c", false);
+        if h2c && upstream.as_ref().is_some_and(|u| u.scheme == Scheme::HTTPS) {
+            s.error(
+                "h2c",
+                "is set for an https:// upstream",
+                "remove it: over TLS, HTTP/2 is agreed by ALPN on its own",
+            );
+        }
         let access = match s.table("access") {
             Some(table) => parse_access(&format!("routes[{i}].access"), table, env, errors),
             None => AccessRules::default(),
@@ -612,6 +621,7 @@ pub(super) fn parse_routes(
                 upgrades,
                 max_connections,
                 access,
+                h2c,
                 account,
             });
         }

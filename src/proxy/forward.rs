@@ -16,13 +16,41 @@ pub type UpstreamClient = Client<BudgetedConnector<HttpsConnector<HttpConnector>
 /// How long an idle upstream connection is kept for reuse.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Builds the upstream client; `tls` verifies `https://` upstreams, `budgets` bounds the
-/// connections to each.
-pub fn upstream_client(
+/// The clients of the forwarding path: one that agrees the version with each upstream
+/// (HTTP/1.1, or HTTP/2 by ALPN over TLS), and one for routes that speak h2c.
+pub struct UpstreamClients {
+    pub negotiated: UpstreamClient,
+    pub h2c: UpstreamClient,
+}
+
+/// Builds the upstream clients; `tls` verifies `https://` upstreams, `budgets` bounds the
+/// connections to each (both clients together).
+pub fn upstream_clients(
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
     budgets: Arc<Budgets>,
-) -> UpstreamClient {
+) -> UpstreamClients {
+    let connector = connector(tls, connect_timeout, budgets);
+    UpstreamClients {
+        negotiated: builder().build(connector.clone()),
+        h2c: builder().http2_only(true).build(connector),
+    }
+}
+
+fn builder() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new());
+    builder
+}
+
+fn connector(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    budgets: Arc<Budgets>,
+) -> BudgetedConnector<HttpsConnector<HttpConnector>> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -32,9 +60,5 @@ pub fn upstream_client(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(BudgetedConnector::new(https, budgets))
+    BudgetedConnector::new(https, budgets)
 }

@@ -24,6 +24,8 @@ pub struct Route {
     pub budget: Arc<Budget>,
     /// Who may borrow the account.
     pub access: Access,
+    /// The upstream is spoken to in HTTP/2 with prior knowledge.
+    pub h2c: bool,
     pub account: Arc<Account>,
     /// `host/prefix`, for logs.
     pub name: String,
@@ -47,6 +49,7 @@ impl Route {
             upgrades: config.upgrades.clone(),
             budget,
             access: Access::new(&config.access),
+            h2c: config.h2c,
             account,
             name,
         }

@@ -2,7 +2,7 @@
 
 use super::body::{body_timeout_in, ProxyBody, TimedBody};
 use super::error::{Fault, ProxyError};
-use super::forward::UpstreamClient;
+use super::forward::UpstreamClients;
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
 use super::inspect::{inspect, Inspected};
 use super::path::{self, PathError};
@@ -32,7 +32,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// The state shared by every connection: routes, the upstream client and the limits.
 pub struct Proxy {
     routes: RouteTable,
-    client: UpstreamClient,
+    clients: UpstreamClients,
     upstream_timeout: Duration,
     token_wait: Duration,
     replay_body_limit: u64,
@@ -65,13 +65,13 @@ struct Replay<'a> {
 
 impl Proxy {
     /// Creates the proxy from its routes, its upstream client and the `[server]` limits.
-    pub fn new(routes: RouteTable, client: UpstreamClient, server: &ServerConfig) -> Proxy {
+    pub fn new(routes: RouteTable, clients: UpstreamClients, server: &ServerConfig) -> Proxy {
         let replay_memory = usize::try_from(server.replay_memory)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
         Proxy {
             routes,
-            client,
+            clients,
             upstream_timeout: server.upstream_timeout,
             token_wait: server.token_wait,
             replay_body_limit: server.replay_body_limit,
@@ -363,7 +363,12 @@ impl Proxy {
                 waited: self.upstream_timeout,
             });
         };
-        let mut exchange = Exchange::new(self.client.request(request), slot, client.0.conn.clone());
+        let upstream = if route.h2c {
+            &self.clients.h2c
+        } else {
+            &self.clients.negotiated
+        };
+        let mut exchange = Exchange::new(upstream.request(request), slot, client.0.conn.clone());
         let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
         let Ok(answered) = answered else {
             exchange.give_up();

@@ -357,3 +357,11 @@ fn a_listener_off_loopback_with_an_open_route_is_warned_about() {
     assert!(Config::parse(&guarded, &env).unwrap().warnings.is_empty());
     assert!(Config::parse(VALID, &env).unwrap().warnings.is_empty());
 }
+
+#[test]
+fn h2c_is_for_plain_http_upstreams() {
+    let https = format!("{VALID}h2c = true\n");
+    assert_eq!(keys(&https), ["routes[0].h2c"]);
+    let http = https.replace("https://media.example", "http://media.internal:3000");
+    assert!(Config::parse(&http, &env).unwrap().routes[0].h2c);
+}

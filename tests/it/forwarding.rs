@@ -333,3 +333,50 @@ async fn shutdown_waits_for_requests_in_flight_only_as_long_as_the_grace_period(
         .unwrap();
     in_flight.abort();
 }
+
+/// An upstream that speaks only HTTP/2 with prior knowledge, and says what it was sent.
+async fn h2c_only_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service =
+                hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
+                    let text = format!(
+                        "{:?} {} {}",
+                        request.version(),
+                        request.uri().path(),
+                        request.headers().contains_key(header::AUTHORIZATION)
+                    );
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from(text)),
+                    ))
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_route_marked_h2c_speaks_http2_with_prior_knowledge_to_its_upstream() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let up = h2c_only_upstream().await;
+    let routes = format!(
+        "[[routes]]\npath_prefix = \"/h2c\"\nupstream = \"http://{up}\"\naccount = \"main\"\nh2c = true\n\
+         [[routes]]\npath_prefix = \"/plain\"\nupstream = \"http://{up}\"\naccount = \"main\"\n"
+    );
+    let proxy = TestProxy::start(&stubs.config("", &routes))
+        .await
+        .ready()
+        .await;
+    let reply = get(&proxy.url("/h2c/x")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(&reply.body[..], b"HTTP/2.0 /h2c/x true");
+    // Without h2c the proxy speaks HTTP/1.1, which this upstream does not understand.
+    let reply = get(&proxy.url("/plain/x")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+}
