@@ -112,6 +112,7 @@ async fn plain_upstream(signal: Shutdown) -> SocketAddr {
             })
         },
         Default::default(),
+        None,
         signal,
         Duration::from_secs(1),
     ));

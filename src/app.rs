@@ -6,8 +6,9 @@ use crate::identity::{Account, IdentityClient};
 use crate::proxy::forward::upstream_clients;
 use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
-use crate::server::{derived_max_connections, serve};
+use crate::server::{derived_max_connections, serve, TlsConfig};
 use crate::shutdown::Shutdown;
+use crate::tls::ListenerTls;
 use crate::tls::{client_config, TlsError};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("cannot create the identity service client")]
     IdentityClient(#[source] reqwest::Error),
+    #[error("cannot serve TLS: {0}")]
+    ListenerTls(String),
 }
 
 /// Why the proxy stopped before serving.
@@ -53,6 +56,14 @@ pub struct App {
     secret_poll: Duration,
     shutdown_grace: Duration,
     limits: ConnectionLimits,
+    tls: Option<ServingTls>,
+}
+
+/// The listener's TLS, and what its reload watches.
+struct ServingTls {
+    config: TlsConfig,
+    files: ListenerTls,
+    every: Duration,
 }
 
 /// Connections the admin listener serves at once: its own small budget, so that probes
@@ -108,6 +119,18 @@ impl App {
             upstream_clients(tls, config.server.connect_timeout, Arc::new(budgets)),
             &config.server,
         ));
+        let tls = match &config.server.tls {
+            None => None,
+            Some(files) => {
+                let (server, _) =
+                    crate::tls::server_config(files).map_err(StartError::ListenerTls)?;
+                Some(ServingTls {
+                    config: Arc::new(arc_swap::ArcSwap::from_pointee(server)),
+                    files: files.clone(),
+                    every: config.server.tls_reload,
+                })
+            }
+        };
         let mut limits = config.server.limits.clone();
         limits.max_connections = Some(
             limits
@@ -139,6 +162,7 @@ impl App {
             secret_poll: config.identity.secret_poll,
             shutdown_grace: config.server.shutdown_grace,
             limits,
+            tls,
         })
     }
 
@@ -193,6 +217,14 @@ impl App {
                 ));
             }
         }
+        if let Some(tls) = &self.tls {
+            tasks.spawn(reload_tls(
+                tls.config.clone(),
+                tls.files.clone(),
+                tls.every,
+                shutdown.clone(),
+            ));
+        }
         if let Some(admin) = self.admin {
             let accounts = self.accounts.clone();
             let limits = ConnectionLimits {
@@ -205,6 +237,7 @@ impl App {
                     admin,
                     move |_| crate::admin::AdminService::new(accounts.clone()),
                     limits,
+                    None,
                     shutdown,
                     grace,
                 )
@@ -252,6 +285,7 @@ impl App {
             self.listener,
             move |conn| ProxyService::new(proxy.clone(), conn.clone()),
             self.limits.clone(),
+            self.tls.as_ref().map(|tls| tls.config.clone()),
             shutdown,
             self.shutdown_grace,
         )
@@ -263,6 +297,50 @@ impl App {
         .await;
         tracing::info!("proxy stopped");
         Ok(())
+    }
+}
+
+/// Reads the listener's certificate files every `every` and serves the new ones once they
+/// change and make a valid configuration (cert-manager and mounted Secrets rotate them in
+/// place); a broken set is reported and the one in use kept.
+async fn reload_tls(
+    config: TlsConfig,
+    files: ListenerTls,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    let read = |files: &ListenerTls| {
+        let paths = [
+            Some(&files.cert_file),
+            Some(&files.key_file),
+            files.client_ca_file.as_ref(),
+        ];
+        paths.map(|p| p.and_then(|p| std::fs::read(p).ok()))
+    };
+    let mut seen = read(&files);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait() => return,
+        }
+        let now = read(&files);
+        if now == seen {
+            continue;
+        }
+        match crate::tls::server_config(&files) {
+            Ok((server, warnings)) => {
+                for warning in warnings {
+                    tracing::warn!("{warning}");
+                }
+                config.store(Arc::new(server));
+                tracing::info!(cert = %files.cert_file.display(), "serving the renewed TLS certificate");
+                seen = now;
+            }
+            Err(problem) => {
+                tracing::warn!(%problem, "the TLS files changed but cannot be served; keeping the ones in use");
+                seen = now;
+            }
+        }
     }
 }
 

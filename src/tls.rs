@@ -1,5 +1,5 @@
-//! The one TLS client configuration (rustls with the ring provider) for upstreams and the
-//! identity service.
+//! TLS by rustls with the ring provider: the client configuration for upstreams and the
+//! identity service, and the listener's server configuration with client certificates.
 
 use rustls::crypto::ring;
 use rustls::{ClientConfig, RootCertStore};
@@ -64,4 +64,133 @@ pub fn client_config(native_roots: bool, ca_file: Option<&Path>) -> Result<Clien
             .with_root_certificates(roots)
             .with_no_client_auth(),
     )
+}
+
+/// The listener's TLS: certificate chain and key, and optionally the CA that client
+/// certificates must chain to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    pub client_ca_file: Option<std::path::PathBuf>,
+    /// With a client CA: refuse the handshake without a client certificate (otherwise a
+    /// route's `access.client_cert` decides).
+    pub client_auth_required: bool,
+}
+
+/// The client certificate a connection presented, as access rules read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The subject, as `CN=app1, O=Example`.
+    pub subject: String,
+    /// The DNS and URI subject alternative names (a SPIFFE id is a URI).
+    pub names: Vec<String>,
+}
+
+impl ClientCert {
+    /// Reads the end-entity certificate a client presented.
+    pub fn from_der(der: &[u8]) -> Option<ClientCert> {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(dns) => names.push(dns.to_string()),
+                    GeneralName::URI(uri) => names.push(uri.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Some(ClientCert {
+            subject: cert.subject().to_string(),
+            names,
+        })
+    }
+
+    /// Tells whether the subject or a name equals `wanted`.
+    pub fn matches(&self, wanted: &str) -> bool {
+        self.subject == wanted || self.names.iter().any(|n| n == wanted)
+    }
+}
+
+/// Builds the listener's TLS configuration (ALPN: h2, then http/1.1); the error names the
+/// file at fault. Also returns warnings about certificates out of their validity period.
+pub fn server_config(tls: &ListenerTls) -> Result<(rustls::ServerConfig, Vec<String>), String> {
+    use rustls_pki_types::PrivateKeyDer;
+    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", tls.cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: holds no PEM certificate",
+            tls.cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| format!("{}: no PEM private key: {e}", tls.key_file.display()))?;
+    let warnings = validity_warnings(&certs[0], &tls.cert_file);
+    let provider = Arc::new(ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &tls.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_ca_file(path).map_err(|e| format!("{}: {e}", path.display()))? {
+                roots.add(cert).map_err(|e| {
+                    format!("{}: a certificate rustls refuses: {e}", path.display())
+                })?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if tls.client_auth_required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            )
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        format!(
+            "{} and {}: {e}",
+            tls.cert_file.display(),
+            tls.key_file.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((config, warnings))
+}
+
+fn validity_warnings(cert: &CertificateDer<'_>, path: &Path) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let now = x509_parser::time::ASN1Time::now();
+    let validity = cert.validity();
+    let mut warnings = Vec::new();
+    if validity.not_after < now {
+        warnings.push(format!(
+            "{}: the server certificate expired on {}",
+            path.display(),
+            validity.not_after
+        ));
+    }
+    if validity.not_before > now {
+        warnings.push(format!(
+            "{}: the server certificate is not valid before {}",
+            path.display(),
+            validity.not_before
+        ));
+    }
+    warnings
 }

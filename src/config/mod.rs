@@ -61,6 +61,8 @@ pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
 pub const DEFAULT_MAX_CANCELLED_STREAMS: u32 = 100;
 /// The window over which cancelled forwarded requests are counted.
 pub const DEFAULT_CANCELLED_STREAMS_WINDOW: Duration = Duration::from_secs(10);
+/// How often the listener's certificate files are read again.
+pub const DEFAULT_TLS_RELOAD: Duration = Duration::from_secs(10);
 /// Concurrent streams one HTTP/2 client connection may open.
 pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// HTTP/2 flow-control window of one stream: what a client may send ahead, per stream.
@@ -134,6 +136,10 @@ pub struct ServerConfig {
     pub upstream_max_connections: usize,
     /// What one client connection may hold.
     pub limits: ConnectionLimits,
+    /// TLS on the listener; `None`: plain TCP.
+    pub tls: Option<crate::tls::ListenerTls>,
+    /// How often the listener's certificate files are read again to notice a rotation.
+    pub tls_reload: Duration,
 }
 
 /// The bounds on what one client connection may hold, and on how many there are.
@@ -244,6 +250,9 @@ pub struct AccessRules {
     pub paths: Vec<String>,
     /// A header the client must send with this value; removed before forwarding.
     pub marker: Option<(http::HeaderName, Secret)>,
+    /// Client certificate subjects or SANs (DNS, URI) of which one must match; needs TLS
+    /// with a client CA on the listener.
+    pub client_cert: Vec<String>,
 }
 
 impl AccessRules {
@@ -253,6 +262,7 @@ impl AccessRules {
             && self.methods.is_empty()
             && self.paths.is_empty()
             && self.marker.is_none()
+            && self.client_cert.is_empty()
     }
 }
 
@@ -308,7 +318,11 @@ impl Config {
             &["server", "identity", "tls", "accounts", "routes"],
         );
         let empty = toml::Table::new();
-        let server = parse_server(top.table("server").unwrap_or(&empty), &mut errors);
+        let server = parse_server(
+            top.table("server").unwrap_or(&empty),
+            &mut errors,
+            &mut warnings,
+        );
         let identity = parse_identity(
             top.table("identity").unwrap_or(&empty),
             &mut errors,
@@ -347,6 +361,20 @@ impl Config {
             }
         };
         errors.splice(0..0, top.errors);
+        let client_ca = server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        for (i, route) in routes.iter().enumerate() {
+            if !route.access.client_cert.is_empty() && !client_ca {
+                errors.push(ConfigError {
+                    key: format!("routes[{i}].access.client_cert"),
+                    problem: "needs client certificates, which the listener does not ask for"
+                        .into(),
+                    fix: "set server.tls_cert_file, tls_key_file and tls_client_ca_file".into(),
+                });
+            }
+        }
         if !server.listen.ip().is_loopback() {
             for (i, route) in routes.iter().enumerate() {
                 if route.access.is_open() {

@@ -14,7 +14,7 @@ use super::{
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_TIMEOUT,
 };
 use super::{
-    DEFAULT_CANCELLED_STREAMS_WINDOW, DEFAULT_MAX_CANCELLED_STREAMS,
+    DEFAULT_CANCELLED_STREAMS_WINDOW, DEFAULT_MAX_CANCELLED_STREAMS, DEFAULT_TLS_RELOAD,
     DEFAULT_UPSTREAM_MAX_CONNECTIONS,
 };
 use crate::identity::breaker::BreakerPolicy;
@@ -26,7 +26,96 @@ use http::Uri;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -> ServerConfig {
+fn parse_listener_tls(
+    s: &mut Section<'_>,
+    warnings: &mut Vec<String>,
+) -> Option<crate::tls::ListenerTls> {
+    let cert = s.string("tls_cert_file");
+    let key = s.string("tls_key_file");
+    let client_ca = s.string("tls_client_ca_file");
+    let auth = s.string("tls_client_auth");
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            for (key, given) in [
+                ("tls_client_ca_file", client_ca.is_some()),
+                ("tls_client_auth", auth.is_some()),
+            ] {
+                if given {
+                    s.error(
+                        key,
+                        "is given without tls_cert_file and tls_key_file",
+                        "set both to serve TLS, or remove it",
+                    );
+                }
+            }
+            return None;
+        }
+        (Some(_), None) => {
+            s.error(
+                "tls_key_file",
+                "is missing",
+                "set it to the PEM private key of tls_cert_file",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            s.error(
+                "tls_cert_file",
+                "is missing",
+                "set it to the PEM certificate chain of tls_key_file",
+            );
+            return None;
+        }
+    };
+    let client_auth_required = match auth {
+        None | Some("required") => true,
+        Some("optional") => false,
+        Some(other) => {
+            s.error(
+                "tls_client_auth",
+                format!("{other:?} is not a client certificate policy"),
+                "write \"required\" or \"optional\" (then a route's access.client_cert decides)",
+            );
+            true
+        }
+    };
+    if auth.is_some() && client_ca.is_none() {
+        s.error(
+            "tls_client_auth",
+            "is given without tls_client_ca_file",
+            "name the CA bundle client certificates must chain to",
+        );
+    }
+    let tls = crate::tls::ListenerTls {
+        cert_file: PathBuf::from(cert),
+        key_file: PathBuf::from(key),
+        client_ca_file: client_ca.map(PathBuf::from),
+        client_auth_required,
+    };
+    match crate::tls::server_config(&tls) {
+        Ok((_, found)) => warnings.extend(
+            found
+                .into_iter()
+                .map(|w| format!("server.tls_cert_file: {w}")),
+        ),
+        Err(problem) => {
+            s.error(
+                "tls_cert_file",
+                format!("cannot serve TLS: {problem}"),
+                "point tls_cert_file, tls_key_file and tls_client_ca_file at matching PEM files",
+            );
+            return None;
+        }
+    }
+    Some(tls)
+}
+
+pub(super) fn parse_server(
+    table: &toml::Table,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> ServerConfig {
     let mut s = Section::new(
         "server",
         table,
@@ -55,6 +144,11 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             "upstream_max_connections",
             "max_cancelled_streams",
             "cancelled_streams_window",
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_client_ca_file",
+            "tls_client_auth",
+            "tls_reload",
         ],
     );
     let listen = s
@@ -113,6 +207,7 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             }
         })
         .collect();
+    let tls = parse_listener_tls(&mut s, warnings);
     let config = ServerConfig {
         listen,
         admin_listen: s.socket_addr("admin_listen"),
@@ -135,6 +230,8 @@ pub(super) fn parse_server(table: &toml::Table, errors: &mut Vec<ConfigError>) -
             as usize,
         trusted_proxies,
         tunnel_idle_timeout: s.duration("tunnel_idle_timeout", DEFAULT_TUNNEL_IDLE_TIMEOUT),
+        tls,
+        tls_reload: s.duration("tls_reload", DEFAULT_TLS_RELOAD),
         upstream_max_connections: s.integer(
             "upstream_max_connections",
             DEFAULT_UPSTREAM_MAX_CONNECTIONS as u64,
@@ -652,9 +749,18 @@ fn parse_access(
             "header_value_env",
             "header_value_file",
             "header_value",
+            "client_cert",
         ],
     );
-    let mut rules = AccessRules::default();
+    let mut rules = AccessRules {
+        client_cert: s
+            .string_list("client_cert")
+            .unwrap_or_default()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        ..AccessRules::default()
+    };
     for text in s.string_list("networks").unwrap_or_default() {
         match parse_network(text) {
             Some(net) => rules.networks.push(net),

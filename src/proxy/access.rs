@@ -4,6 +4,7 @@
 
 use crate::config::AccessRules;
 use crate::secret::Secret;
+use crate::tls::ClientCert;
 use http::header::{HeaderMap, HeaderName};
 use http::Method;
 use ipnet::IpNet;
@@ -20,6 +21,8 @@ pub enum Denied {
     Path,
     #[error("the route's access.header is missing or wrong")]
     Marker,
+    #[error("no client certificate, or none the route's access.client_cert names")]
+    ClientCert,
 }
 
 /// A route's access rules, ready to check.
@@ -29,6 +32,7 @@ pub struct Access {
     methods: Vec<Method>,
     paths: Vec<String>,
     marker: Option<(HeaderName, Secret)>,
+    client_cert: Vec<String>,
 }
 
 impl Access {
@@ -39,18 +43,25 @@ impl Access {
             methods: rules.methods.clone(),
             paths: rules.paths.clone(),
             marker: rules.marker.clone(),
+            client_cert: rules.client_cert.clone(),
         }
     }
 
-    /// Checks a request from `client` with `method`, the path `rest` below the route's
-    /// prefix, and `headers`.
+    /// Checks a request from `client` (with `cert`, if it presented one over TLS) with
+    /// `method`, the path `rest` below the route's prefix, and `headers`.
     pub fn check(
         &self,
         client: IpAddr,
+        cert: Option<&ClientCert>,
         method: &Method,
         rest: &str,
         headers: &HeaderMap,
     ) -> Result<(), Denied> {
+        if !self.client_cert.is_empty()
+            && !cert.is_some_and(|c| self.client_cert.iter().any(|w| c.matches(w)))
+        {
+            return Err(Denied::ClientCert);
+        }
         if !self.networks.is_empty() && !self.networks.iter().any(|n| n.contains(&client)) {
             return Err(Denied::Network);
         }

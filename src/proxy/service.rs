@@ -265,6 +265,7 @@ impl Proxy {
             .access
             .check(
                 client.0.address.ip(),
+                client.0.conn.client_cert(),
                 request.method(),
                 route.rest_of(&judged.path),
                 request.headers(),

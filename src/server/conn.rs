@@ -50,6 +50,8 @@ pub struct ClientConn {
     calm: Notify,
     /// Shutdown, and the server's count of what is still running.
     pub draining: Draining,
+    /// The certificate the client presented over TLS, if any.
+    client_cert: Option<crate::tls::ClientCert>,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -60,6 +62,7 @@ impl ClientConn {
         slot: Option<OwnedSemaphorePermit>,
         cancel_budget: CancelBudget,
         draining: Draining,
+        client_cert: Option<crate::tls::ClientCert>,
     ) -> ClientConn {
         ClientConn {
             peer,
@@ -72,6 +75,7 @@ impl ClientConn {
             calmed: AtomicBool::new(false),
             calm: Notify::new(),
             draining,
+            client_cert,
             _slot: slot,
         }
     }
@@ -112,6 +116,11 @@ impl ClientConn {
     /// Returns the client's address.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// Returns the certificate the client presented over TLS, if any.
+    pub fn client_cert(&self) -> Option<&crate::tls::ClientCert> {
+        self.client_cert.as_ref()
     }
 
     /// Reads the counters for the watchdog.

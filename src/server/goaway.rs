@@ -2,15 +2,16 @@
 //! proxy's choosing. hyper sends GOAWAY only with `NO_ERROR`; to tell an abusive client to
 //! `ENHANCE_YOUR_CALM` (RFC 9113 §7), this wrapper follows the frame boundaries of what hyper
 //! writes and, when asked, puts its own GOAWAY at the next boundary and ends the connection.
-//! HTTP/1 connections pass through untouched.
+//! HTTP/1 connections pass through untouched. Over TLS it sits inside the encryption, where
+//! the frames are.
 
+use super::transport::Transport;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
@@ -91,14 +92,14 @@ enum Protocol {
 
 /// A client socket that can end an HTTP/2 connection with GOAWAY `ENHANCE_YOUR_CALM`.
 pub struct ClientSocket {
-    stream: TcpStream,
+    stream: Transport,
     switch: Arc<CalmSwitch>,
     protocol: Protocol,
 }
 
 impl ClientSocket {
     /// Wraps `stream`; flipping `switch` ends it with a GOAWAY if it speaks HTTP/2.
-    pub fn new(stream: TcpStream, switch: Arc<CalmSwitch>) -> ClientSocket {
+    pub fn new(stream: Transport, switch: Arc<CalmSwitch>) -> ClientSocket {
         ClientSocket {
             stream,
             switch,

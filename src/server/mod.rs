@@ -10,10 +10,12 @@
 
 pub mod conn;
 pub mod goaway;
+pub mod transport;
 pub mod watchdog;
 
 use crate::config::ConnectionLimits;
 use crate::shutdown::Shutdown;
+use crate::tls::ClientCert;
 use crate::BoxError;
 use conn::{CancelBudget, ClientConn, Counted, Draining};
 use goaway::{CalmSwitch, ClientSocket};
@@ -26,6 +28,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
+use transport::Transport;
 use watchdog::{Timeouts, Verdict, Watchdog};
 
 /// File descriptors kept free of client connections for the identity service, the admin
@@ -54,13 +57,18 @@ pub fn raise_open_file_limit() -> Option<u64> {
     None
 }
 
-/// Serves `listener` until `shutdown`, with a service made per connection by `make`; then
-/// lets requests in flight (and upgraded tunnels) finish for up to `grace` and drops the
-/// rest. Returns the deadline it drained by: shutdown's moment plus `grace`.
+/// The listener's TLS configuration, replaced when its files change.
+pub type TlsConfig = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
+
+/// Serves `listener` (over TLS if `tls` is given) until `shutdown`, with a service made per
+/// connection by `make`; then lets requests in flight (and upgraded tunnels) finish for up
+/// to `grace` and drops the rest. Returns the deadline it drained by: shutdown's moment
+/// plus `grace`.
 pub async fn serve<S, B>(
     listener: TcpListener,
-    make: impl Fn(&Arc<ClientConn>) -> S,
+    make: impl Fn(&Arc<ClientConn>) -> S + Send + Sync + 'static,
     limits: ConnectionLimits,
+    tls: Option<TlsConfig>,
     mut shutdown: Shutdown,
     grace: Duration,
 ) -> Instant
@@ -72,7 +80,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let builder = builder(&limits);
+    let builder = Arc::new(builder(&limits));
+    let make = Arc::new(make);
     let max_connections = limits
         .max_connections
         .unwrap_or_else(derived_max_connections);
@@ -117,23 +126,56 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let client = Arc::new(ClientConn::new(
-            peer,
-            Some(slot),
-            cancel_budget,
-            Draining {
-                shutdown: shutdown.clone(),
-                grace,
-                _running: running_rx.clone(),
-            },
-        ));
-        let service = Counted::new(make(&client), client.clone());
-        let switch = Arc::new(CalmSwitch::default());
-        let socket = ClientSocket::new(stream, switch.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(socket), service)
-            .into_owned();
-        tokio::spawn(drive(connection, client, switch, timeouts));
+        let accepted = Instant::now();
+        let draining = Draining {
+            shutdown: shutdown.clone(),
+            grace,
+            _running: running_rx.clone(),
+        };
+        let (builder, make, tls) = (builder.clone(), make.clone(), tls.clone());
+        tokio::spawn(async move {
+            // The handshake counts against the time to the first request head.
+            let deadline = accepted + timeouts.header;
+            let (transport, client_cert) = match tls {
+                None => (Transport::Plain(stream), None),
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let cert = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .and_then(|der| ClientCert::from_der(der));
+                            (Transport::Tls(Box::new(stream)), cert)
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake not done within server.header_timeout");
+                            return;
+                        }
+                    }
+                }
+            };
+            let client = Arc::new(ClientConn::new(
+                peer,
+                Some(slot),
+                cancel_budget,
+                draining,
+                client_cert,
+            ));
+            let service = Counted::new(make(&client), client.clone());
+            let switch = Arc::new(CalmSwitch::default());
+            let socket = ClientSocket::new(transport, switch.clone());
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(socket), service)
+                .into_owned();
+            drive(connection, client, switch, timeouts, accepted).await;
+        });
     }
     let deadline = Instant::now() + grace;
     drop(listener);
@@ -181,6 +223,7 @@ async fn drive<S, B>(
     client: Arc<ClientConn>,
     switch: Arc<CalmSwitch>,
     timeouts: Timeouts,
+    accepted: Instant,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -192,7 +235,7 @@ async fn drive<S, B>(
     let peer = client.peer();
     let (mut shutdown, grace) = (client.draining.shutdown.clone(), client.draining.grace);
     let mut connection = std::pin::pin!(connection);
-    let mut watchdog = Watchdog::new(timeouts, Instant::now());
+    let mut watchdog = Watchdog::new(timeouts, accepted);
     let mut next = Instant::now();
     // Once a graceful close has begun: when the connection is dropped regardless.
     let mut closing: Option<Instant> = None;

@@ -130,6 +130,7 @@ async fn serve_stand_in<S, F, Fut>(
             })
         },
         limits,
+        None,
         shutdown,
         std::time::Duration::from_secs(1),
     )

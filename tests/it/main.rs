@@ -8,6 +8,7 @@ mod faults;
 mod forwarding;
 mod hostile;
 mod lifecycle;
+mod listener_tls;
 mod logs;
 mod parser;
 mod rejections;

@@ -1,0 +1,329 @@
+//! TLS on the listener: HTTP/1.1 and HTTP/2 by ALPN, certificates renewed without a restart,
+//! and client certificates, required or checked by a route's access rule.
+
+use crate::support::*;
+use http::{header, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mosaic_auth_proxy::stub::StubSettings;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+const PATIENCE: Duration = Duration::from_secs(5);
+
+struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Ca(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
+    }
+
+    /// A leaf for `dns` names (a server) or, with `uri`, a client with that SPIFFE id.
+    fn leaf(
+        &self,
+        cn: &str,
+        dns: &[&str],
+        uri: Option<&str>,
+    ) -> (CertificateDer<'static>, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().unwrap()));
+        }
+        let cert = params.signed_by(&key, &self.0).unwrap();
+        (cert.der().clone(), key)
+    }
+
+    fn pem(&self) -> String {
+        self.0.pem()
+    }
+}
+
+fn pem_cert(der: &CertificateDer<'_>) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new(name: &str) -> Files {
+        let dir = std::env::temp_dir().join(format!("map-ltls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Files { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn server(&self, cert: &CertificateDer<'_>, key: &KeyPair) {
+        std::fs::write(self.path("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(self.path("cert.pem"), pem_cert(cert)).unwrap();
+    }
+
+    fn config(&self, extra: &str) -> String {
+        format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}\n{extra}",
+            self.path("cert.pem").display().to_string(),
+            self.path("key.pem").display().to_string()
+        )
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TLS client trusting `ca`, offering `alpn`, with an optional client certificate.
+fn connector(
+    ca: &Ca,
+    alpn: &[&[u8]],
+    client: Option<(CertificateDer<'static>, KeyPair)>,
+) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.0.der().clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+            .unwrap(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Connects over TLS, sends GET `path` with the protocol ALPN agreed; returns the status,
+/// the protocol and the server's certificate, or the error.
+async fn get_over_tls(
+    proxy: &TestProxy,
+    tls: &tokio_rustls::TlsConnector,
+    path: &str,
+) -> Result<(StatusCode, Vec<u8>, CertificateDer<'static>), String> {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let (_, session) = stream.get_ref();
+    let alpn = session.alpn_protocol().unwrap_or_default().to_vec();
+    let cert = session.peer_certificates().unwrap()[0].clone().into_owned();
+    // HTTP/2 names the authority in the request; HTTP/1.1 sends the origin form and Host.
+    let target = if alpn == b"h2" {
+        format!("https://localhost{path}")
+    } else {
+        path.to_owned()
+    };
+    let request = Request::get(target)
+        .header(header::HOST, "localhost")
+        .body(empty())
+        .unwrap();
+    let io = TokioIo::new(stream);
+    let response = if alpn == b"h2" {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender.send_request(request).await
+    };
+    let response = response.map_err(|e| e.to_string())?;
+    Ok((response.status(), alpn, cert))
+}
+
+#[tokio::test]
+async fn the_listener_speaks_tls_with_alpn_and_serves_a_renewed_certificate_without_a_restart() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let ca = Ca::new("test server CA");
+    let files = Files::new("renew");
+    let (first, first_key) = ca.leaf("proxy", &["localhost"], None);
+    files.server(&first, &first_key);
+    let text = stubs.config_with_server(&files.config("tls_reload = \"50ms\""), "", "");
+    let proxy = TestProxy::start(&text).await.ready().await;
+
+    let (status, alpn, cert) = get_over_tls(
+        &proxy,
+        &connector(&ca, &[b"h2", b"http/1.1"], None),
+        "/whoami",
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, alpn.as_slice()), (StatusCode::OK, &b"h2"[..]));
+    assert_eq!(cert, first);
+    let (status, alpn, _) = get_over_tls(&proxy, &connector(&ca, &[b"http/1.1"], None), "/whoami")
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, alpn.as_slice()),
+        (StatusCode::OK, &b"http/1.1"[..])
+    );
+    assert!(stubs.upstream.last().unwrap().verdict.is_ok());
+
+    let (second, second_key) = ca.leaf("proxy renewed", &["localhost"], None);
+    files.server(&second, &second_key);
+    let renewed = eventually(PATIENCE, async || {
+        let tls = connector(&ca, &[b"h2"], None);
+        matches!(get_over_tls(&proxy, &tls, "/whoami").await, Ok((StatusCode::OK, _, cert)) if cert == second)
+    })
+    .await;
+    assert!(renewed, "the renewed certificate was not served");
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_or_checked_by_the_route() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let files = Files::new("clients");
+    let (cert, key) = server_ca.leaf("proxy", &["localhost"], None);
+    files.server(&cert, &key);
+    std::fs::write(files.path("clients.pem"), client_ca.pem()).unwrap();
+    let app = || client_ca.leaf("app", &[], Some("spiffe://example.org/app"));
+    let other = || client_ca.leaf("other", &[], Some("spiffe://example.org/other"));
+    let routes = format!(
+        "[[routes]]\npath_prefix = \"/guarded\"\nstrip_prefix = true\nupstream = \"http://{}\"\naccount = \"main\"\n\
+         [routes.access]\nclient_cert = [\"spiffe://example.org/app\"]\n",
+        stubs.upstream_addr
+    );
+    let ca_file = format!(
+        "tls_client_ca_file = {:?}\n",
+        files.path("clients.pem").display().to_string()
+    );
+
+    // Required: no certificate, no connection.
+    let required =
+        TestProxy::start(&stubs.config_with_server(&files.config(&ca_file), "", &routes))
+            .await
+            .ready()
+            .await;
+    let without = get_over_tls(&required, &connector(&server_ca, &[b"h2"], None), "/whoami").await;
+    assert!(
+        without.is_err(),
+        "served without a client certificate: {without:?}"
+    );
+    let with_app = get_over_tls(
+        &required,
+        &connector(&server_ca, &[b"h2"], Some(app())),
+        "/guarded/whoami",
+    )
+    .await;
+    assert_eq!(with_app.unwrap().0, StatusCode::OK);
+    assert_eq!(stubs.upstream.last().unwrap().path, "/whoami");
+    assert!(
+        stubs.upstream.last().unwrap().verdict.is_ok(),
+        "forwarded with the token"
+    );
+    let before = stubs.upstream.requests();
+    let with_other = get_over_tls(
+        &required,
+        &connector(&server_ca, &[b"h2"], Some(other())),
+        "/guarded/whoami",
+    )
+    .await;
+    assert_eq!(with_other.unwrap().0, StatusCode::FORBIDDEN);
+    assert_eq!(stubs.upstream.requests(), before);
+
+    // Optional: the route's rule decides.
+    let optional = format!("{ca_file}tls_client_auth = \"optional\"\n");
+    let optional =
+        TestProxy::start(&stubs.config_with_server(&files.config(&optional), "", &routes))
+            .await
+            .ready()
+            .await;
+    let anonymous = connector(&server_ca, &[b"h2"], None);
+    assert_eq!(
+        get_over_tls(&optional, &anonymous, "/whoami")
+            .await
+            .unwrap()
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_over_tls(&optional, &anonymous, "/guarded/whoami")
+            .await
+            .unwrap()
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let with_app = get_over_tls(
+        &optional,
+        &connector(&server_ca, &[b"h2"], Some(app())),
+        "/guarded/whoami",
+    )
+    .await;
+    assert_eq!(with_app.unwrap().0, StatusCode::OK);
+}
+
+#[test]
+fn listener_tls_settings_are_checked_with_the_file_at_fault_named() {
+    use mosaic_auth_proxy::config::Config;
+    let base = "[accounts.a]\nclient_id = \"a\"\nclient_secret_env = \"CLIENT_SECRET\"\n[[routes]]\nupstream = \"http://up\"\naccount = \"a\"\n";
+    let keys = |server: &str| -> Vec<String> {
+        let text = format!("[server]\n{server}\n{base}");
+        Config::parse(&text, &env)
+            .map_or_else(|e| e.0.into_iter().map(|e| e.key).collect(), |_| Vec::new())
+    };
+    assert_eq!(
+        keys("tls_cert_file = \"/nonexistent/cert.pem\""),
+        ["server.tls_key_file"]
+    );
+    assert_eq!(
+        keys("tls_cert_file = \"/nonexistent/cert.pem\"\ntls_key_file = \"/nonexistent/key.pem\""),
+        ["server.tls_cert_file"]
+    );
+    assert_eq!(
+        keys("tls_client_auth = \"optional\""),
+        ["server.tls_client_auth"]
+    );
+    let guarded = format!("[server]\n{base}[routes.access]\nclient_cert = [\"CN=app\"]\n");
+    let errors = Config::parse(&guarded, &env).unwrap_err();
+    assert_eq!(errors.0[0].key, "routes[0].access.client_cert");
+
+    // An expired server certificate works, with a warning at start.
+    let ca = Ca::new("expired CA");
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let cert = params.signed_by(&key, &ca.0).unwrap();
+    let files = Files::new("expired");
+    files.server(cert.der(), &key);
+    let text = format!("[server]\n{}\n{base}", files.config(""));
+    let config = Config::parse(&text, &env).unwrap();
+    assert!(
+        config.warnings.iter().any(|w| w.contains("expired")),
+        "{:?}",
+        config.warnings
+    );
+}
