@@ -9,7 +9,7 @@ use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
 use crate::server::{derived_max_connections, serve, TlsConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
-use crate::tls::{client_config, TlsError};
+use crate::tls::{client_config, client_config_for, TlsError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,12 +73,15 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 32;
 impl App {
     /// Binds the listeners (port 0 picks a free port) and builds the proxy from `config`.
     pub async fn bind(config: Config) -> Result<App, StartError> {
-        let tls = client_config(config.tls.native_roots, config.tls.ca_file.as_deref())?;
+        let global_ca = config.tls.ca_file.as_deref();
+        let tls = client_config(config.tls.native_roots, global_ca)?;
+        let identity_tls =
+            client_config_for(config.tls.native_roots, global_ca, &config.identity.tls)?;
         let identity = IdentityClient::new(
             &config.identity.origin,
             config.identity.timeout,
             config.identity.max_reply_bytes,
-            tls.clone(),
+            identity_tls,
         )
         .map_err(StartError::IdentityClient)?;
         let accounts: Arc<[Arc<Account>]> = config
@@ -104,21 +107,30 @@ impl App {
                 .unwrap_or(config.server.upstream_max_connections);
             (origin(r), max)
         }));
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| {
-                let budget = budgets
-                    .get(&origin(r))
-                    .expect("every route's upstream has a budget");
-                Route::new(r, accounts[r.account].clone(), budget)
-            })
-            .collect();
-        let proxy = Arc::new(Proxy::new(
-            RouteTable::new(routes),
-            upstream_clients(tls, config.server.connect_timeout, Arc::new(budgets)),
-            &config.server,
+        let budgets = Arc::new(budgets);
+        let shared = Arc::new(upstream_clients(
+            tls,
+            None,
+            config.server.connect_timeout,
+            budgets.clone(),
         ));
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            let budget = budgets
+                .get(&origin(r))
+                .expect("every route's upstream has a budget");
+            let clients = match &r.tls {
+                None => shared.clone(),
+                Some(own) => Arc::new(upstream_clients(
+                    client_config_for(config.tls.native_roots, global_ca, own)?,
+                    own.server_name.as_deref(),
+                    config.server.connect_timeout,
+                    budgets.clone(),
+                )),
+            };
+            routes.push(Route::new(r, accounts[r.account].clone(), budget, clients));
+        }
+        let proxy = Arc::new(Proxy::new(RouteTable::new(routes), &config.server));
         let tls = match &config.server.tls {
             None => None,
             Some(files) => {

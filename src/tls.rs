@@ -15,8 +15,10 @@ pub enum TlsError {
     Versions(#[source] rustls::Error),
     #[error("tls.native_roots is set, but the system has no usable root certificates")]
     NoNativeRoots,
-    #[error("tls.ca_file {path}: {problem}")]
+    #[error("CA file {path}: {problem}")]
     CaFile { path: String, problem: String },
+    #[error("client certificate {path}: {problem}")]
+    ClientCert { path: String, problem: String },
 }
 
 /// Reads every certificate of a PEM file.
@@ -31,12 +33,43 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
     Ok(certs)
 }
 
+/// TLS towards one upstream (or the identity service), on top of the global `[tls]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// A further CA bundle to trust for this upstream.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate chain and key, for upstreams that demand mutual TLS.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The name to send as SNI and to verify the certificate against, instead of the host.
+    pub server_name: Option<String>,
+}
+
 /// Builds a client configuration trusting the bundled web PKI roots, the certificates of
 /// `ca_file` and, if `native_roots`, the operating system's roots.
 pub fn client_config(native_roots: bool, ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    client_config_for(native_roots, ca_file, &UpstreamTls::default())
+}
+
+/// Like [`client_config`], with one upstream's further CA and client certificate.
+pub fn client_config_for(
+    native_roots: bool,
+    ca_file: Option<&Path>,
+    upstream: &UpstreamTls,
+) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
+        let problem = |problem: String| TlsError::CaFile {
+            path: path.display().to_string(),
+            problem,
+        };
+        for cert in read_ca_file(path).map_err(problem)? {
+            roots
+                .add(cert)
+                .map_err(|e| problem(format!("holds a certificate rustls refuses: {e}")))?;
+        }
+    }
+    if let Some(path) = &upstream.ca_file {
         let problem = |problem: String| TlsError::CaFile {
             path: path.display().to_string(),
             problem,
@@ -57,13 +90,34 @@ pub fn client_config(native_roots: bool, ca_file: Option<&Path>) -> Result<Clien
             return Err(TlsError::NoNativeRoots);
         }
     }
-    Ok(
-        ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(TlsError::Versions)?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Versions)?
+        .with_root_certificates(roots);
+    match &upstream.client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_file, key_file)) => {
+            let problem = |problem: String| TlsError::ClientCert {
+                path: cert_file.display().to_string(),
+                problem,
+            };
+            let certs = CertificateDer::pem_file_iter(cert_file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| problem(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(problem("holds no PEM certificate".into()));
+            }
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
+                TlsError::ClientCert {
+                    path: key_file.display().to_string(),
+                    problem: format!("no PEM private key: {e}"),
+                }
+            })?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| problem(format!("does not match its key: {e}")))
+        }
+    }
 }
 
 /// The listener's TLS: certificate chain and key, and optionally the CA that client

@@ -193,6 +193,8 @@ pub struct IdentityConfig {
     pub breaker: BreakerPolicy,
     /// How often file secrets are read again to notice a rotation.
     pub secret_poll: Duration,
+    /// TLS towards the identity service beyond the global `[tls]` (server_name is not used).
+    pub tls: crate::tls::UpstreamTls,
 }
 
 /// The `[tls]` table: how upstreams and the identity service are verified.
@@ -234,6 +236,8 @@ pub struct RouteConfig {
     pub access: AccessRules,
     /// Speak HTTP/2 with prior knowledge (h2c) to an `http://` upstream.
     pub h2c: bool,
+    /// TLS towards this route's upstream beyond the global `[tls]`.
+    pub tls: Option<crate::tls::UpstreamTls>,
     /// Index into [`Config::accounts`].
     pub account: usize,
 }

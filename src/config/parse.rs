@@ -309,6 +309,7 @@ pub(super) fn parse_identity(
             "breaker_threshold",
             "breaker_cooldown",
             "secret_poll",
+            "tls",
         ],
     );
     let defaults_breaker = BreakerPolicy::default();
@@ -366,6 +367,10 @@ pub(super) fn parse_identity(
             cooldown: s.duration("breaker_cooldown", defaults_breaker.cooldown),
         },
         secret_poll: s.duration("secret_poll", DEFAULT_SECRET_POLL),
+        tls: s
+            .table("tls")
+            .map(|table| parse_upstream_tls("identity.tls", table, errors))
+            .unwrap_or_default(),
     };
     if config.secret_poll < std::time::Duration::from_millis(10) {
         s.error(
@@ -605,6 +610,7 @@ pub(super) fn parse_routes(
                 "max_connections",
                 "access",
                 "h2c",
+                "tls",
                 "account",
             ],
         );
@@ -657,6 +663,16 @@ pub(super) fn parse_routes(
         let max_connections = s
             .typed_integer("max_connections", (1, 100_000))
             .map(|n| n as usize);
+        let tls = s
+            .table("tls")
+            .map(|table| parse_upstream_tls(&format!("routes[{i}].tls"), table, errors));
+        if tls.is_some() && upstream.as_ref().is_some_and(|u| u.scheme != Scheme::HTTPS) {
+            s.error(
+                "tls",
+                "is set for a plain http:// upstream",
+                "use an https:// upstream, or remove the tls table",
+            );
+        }
         let h2c = s.bool("h2c", false);
         if h2c && upstream.as_ref().is_some_and(|u| u.scheme == Scheme::HTTPS) {
             s.error(
@@ -719,6 +735,7 @@ pub(super) fn parse_routes(
                 max_connections,
                 access,
                 h2c,
+                tls,
                 account,
             });
         }
@@ -851,6 +868,74 @@ fn parse_access(
     }
     errors.extend(s.errors);
     rules
+}
+
+/// Reads a `tls` table of an upstream (`routes[i].tls`) or of the identity service.
+fn parse_upstream_tls(
+    path: &str,
+    table: &toml::Table,
+    errors: &mut Vec<ConfigError>,
+) -> crate::tls::UpstreamTls {
+    let mut s = Section::new(
+        path,
+        table,
+        &[
+            "ca_file",
+            "client_cert_file",
+            "client_key_file",
+            "server_name",
+        ],
+    );
+    let ca_file = s.string("ca_file").map(PathBuf::from);
+    let cert = s.string("client_cert_file").map(PathBuf::from);
+    let key = s.string("client_key_file").map(PathBuf::from);
+    let client_cert = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            s.error(
+                "client_key_file",
+                "is missing",
+                "set it to the PEM key of client_cert_file",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            s.error(
+                "client_cert_file",
+                "is missing",
+                "set it to the PEM certificate of client_key_file",
+            );
+            None
+        }
+    };
+    let server_name = s.string("server_name").and_then(|name| {
+        match rustls_pki_types::ServerName::try_from(name) {
+            Ok(_) => Some(name.to_owned()),
+            Err(_) => {
+                s.error(
+                    "server_name",
+                    format!("{name:?} is not a DNS name or IP address"),
+                    "write the name the upstream's certificate carries, such as \"media.internal\"",
+                );
+                None
+            }
+        }
+    });
+    let tls = crate::tls::UpstreamTls {
+        ca_file,
+        client_cert,
+        server_name,
+    };
+    if let Err(error) = crate::tls::client_config_for(false, None, &tls) {
+        let key = match error {
+            crate::tls::TlsError::ClientCert { .. } => "client_cert_file",
+            _ => "ca_file",
+        };
+        s.error(key, error.to_string(), "point it at a readable PEM file");
+    }
+    errors.extend(s.errors);
+    tls
 }
 
 fn normalize_host(host: &str) -> Option<String> {

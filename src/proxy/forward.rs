@@ -3,10 +3,11 @@
 
 use super::body::ProxyBody;
 use super::upstream::{BudgetedConnector, Budgets};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::ServerName;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,14 +24,22 @@ pub struct UpstreamClients {
     pub h2c: UpstreamClient,
 }
 
-/// Builds the upstream clients; `tls` verifies `https://` upstreams, `budgets` bounds the
-/// connections to each (both clients together).
+impl std::fmt::Debug for UpstreamClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClients").finish_non_exhaustive()
+    }
+}
+
+/// Builds the upstream clients; `tls` verifies `https://` upstreams (as `server_name`, if
+/// given, instead of the host), `budgets` bounds the connections to each (all clients
+/// together).
 pub fn upstream_clients(
     tls: rustls::ClientConfig,
+    server_name: Option<&str>,
     connect_timeout: Duration,
     budgets: Arc<Budgets>,
 ) -> UpstreamClients {
-    let connector = connector(tls, connect_timeout, budgets);
+    let connector = connector(tls, server_name, connect_timeout, budgets);
     UpstreamClients {
         negotiated: builder().build(connector.clone()),
         h2c: builder().http2_only(true).build(connector),
@@ -48,6 +57,7 @@ fn builder() -> hyper_util::client::legacy::Builder {
 
 fn connector(
     tls: rustls::ClientConfig,
+    server_name: Option<&str>,
     connect_timeout: Duration,
     budgets: Arc<Budgets>,
 ) -> BudgetedConnector<HttpsConnector<HttpConnector>> {
@@ -55,10 +65,13 @@ fn connector(
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let https = HttpsConnectorBuilder::new()
+    let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+        .https_or_http();
+    let builder = match server_name.and_then(|n| ServerName::try_from(n.to_owned()).ok()) {
+        Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
+        None => builder,
+    };
+    let https = builder.enable_all_versions().wrap_connector(http);
     BudgetedConnector::new(https, budgets)
 }

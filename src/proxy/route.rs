@@ -1,6 +1,7 @@
 //! Picking the route of a request: host first, then the longest path prefix.
 
 use super::access::Access;
+use super::forward::UpstreamClients;
 use super::upstream::Budget;
 use crate::config::{RouteConfig, Upstream};
 use crate::identity::Account;
@@ -26,14 +27,22 @@ pub struct Route {
     pub access: Access,
     /// The upstream is spoken to in HTTP/2 with prior knowledge.
     pub h2c: bool,
+    /// The clients that reach the upstream (its own where the route sets `tls`).
+    pub clients: Arc<UpstreamClients>,
     pub account: Arc<Account>,
     /// `host/prefix`, for logs.
     pub name: String,
 }
 
 impl Route {
-    /// Creates a route from its configuration, the account it names and its upstream's budget.
-    pub fn new(config: &RouteConfig, account: Arc<Account>, budget: Arc<Budget>) -> Route {
+    /// Creates a route from its configuration, the account it names, its upstream's budget
+    /// and the clients that reach it.
+    pub fn new(
+        config: &RouteConfig,
+        account: Arc<Account>,
+        budget: Arc<Budget>,
+        clients: Arc<UpstreamClients>,
+    ) -> Route {
         let name = format!(
             "{}{}",
             config.host.as_deref().unwrap_or("*"),
@@ -50,6 +59,7 @@ impl Route {
             budget,
             access: Access::new(&config.access),
             h2c: config.h2c,
+            clients,
             account,
             name,
         }
@@ -185,6 +195,12 @@ mod tests {
         let budgets = crate::proxy::upstream::Budgets::new([(String::new(), 8)])
             .get("")
             .unwrap();
+        let clients = Arc::new(crate::proxy::forward::upstream_clients(
+            crate::tls::client_config(false, None).unwrap(),
+            None,
+            std::time::Duration::from_secs(1),
+            Arc::default(),
+        ));
         let account = Arc::new(Account::new(
             "a",
             "a",
@@ -197,7 +213,7 @@ mod tests {
             config
                 .routes
                 .iter()
-                .map(|r| Route::new(r, account.clone(), budgets.clone()))
+                .map(|r| Route::new(r, account.clone(), budgets.clone(), clients.clone()))
                 .collect(),
         )
     }

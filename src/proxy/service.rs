@@ -2,7 +2,6 @@
 
 use super::body::{body_timeout_in, ProxyBody, TimedBody};
 use super::error::{Fault, ProxyError};
-use super::forward::UpstreamClients;
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
 use super::inspect::{inspect, Inspected};
 use super::path::{self, PathError};
@@ -32,7 +31,6 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// The state shared by every connection: routes, the upstream client and the limits.
 pub struct Proxy {
     routes: RouteTable,
-    clients: UpstreamClients,
     upstream_timeout: Duration,
     token_wait: Duration,
     replay_body_limit: u64,
@@ -65,13 +63,12 @@ struct Replay<'a> {
 
 impl Proxy {
     /// Creates the proxy from its routes, its upstream client and the `[server]` limits.
-    pub fn new(routes: RouteTable, clients: UpstreamClients, server: &ServerConfig) -> Proxy {
+    pub fn new(routes: RouteTable, server: &ServerConfig) -> Proxy {
         let replay_memory = usize::try_from(server.replay_memory)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
         Proxy {
             routes,
-            clients,
             upstream_timeout: server.upstream_timeout,
             token_wait: server.token_wait,
             replay_body_limit: server.replay_body_limit,
@@ -365,9 +362,9 @@ impl Proxy {
             });
         };
         let upstream = if route.h2c {
-            &self.clients.h2c
+            &route.clients.h2c
         } else {
-            &self.clients.negotiated
+            &route.clients.negotiated
         };
         let mut exchange = Exchange::new(upstream.request(request), slot, client.0.conn.clone());
         let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;

@@ -93,7 +93,7 @@ impl Budgets {
         self.0.get(origin).cloned()
     }
 
-    fn connections(&self, uri: &Uri) -> Option<Arc<Semaphore>> {
+    pub(crate) fn connections(&self, uri: &Uri) -> Option<Arc<Semaphore>> {
         let origin = format!("{}://{}", uri.scheme_str()?, uri.authority()?);
         Some(self.0.get(&origin)?.connections.clone())
     }

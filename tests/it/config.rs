@@ -365,3 +365,23 @@ fn h2c_is_for_plain_http_upstreams() {
     let http = https.replace("https://media.example", "http://media.internal:3000");
     assert!(Config::parse(&http, &env).unwrap().routes[0].h2c);
 }
+
+#[test]
+fn upstream_tls_tables_are_checked() {
+    let text = format!(
+        "{VALID}[routes.tls]\nca_file = \"/nonexistent/ca.pem\"\nclient_cert_file = \"/nonexistent/c.pem\"\nserver_name = \"not a name\"\n"
+    );
+    assert_eq!(
+        keys(&text),
+        [
+            "routes[0].tls.client_key_file",
+            "routes[0].tls.server_name",
+            "routes[0].tls.ca_file",
+        ]
+    );
+    let plain = VALID.replace("https://media.example", "http://media.internal");
+    let text = format!("{plain}[routes.tls]\nserver_name = \"media.internal\"\n");
+    assert_eq!(keys(&text), ["routes[0].tls"]);
+    let identity = format!("[identity.tls]\nca_file = \"/nonexistent/ca.pem\"\n{VALID}");
+    assert_eq!(keys(&identity), ["identity.tls.ca_file"]);
+}
