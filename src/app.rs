@@ -1,11 +1,12 @@
 //! Bind, then run: the proxy's listeners, accounts and background tasks as one value.
 
-use crate::config::{Config, ConnectionLimits, SecretSource};
+use crate::config::{Config, ConnectionLimits, ListenAddress, SecretSource};
 use crate::identity::refresher::{keep_fresh, watch_secret_file, Policies};
 use crate::identity::{Account, IdentityClient};
 use crate::proxy::forward::upstream_clients;
 use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
+use crate::server::transport::Listener;
 use crate::server::{derived_max_connections, serve, TlsConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
@@ -30,6 +31,12 @@ pub enum StartError {
     IdentityClient(#[source] reqwest::Error),
     #[error("cannot serve TLS: {0}")]
     ListenerTls(String),
+    #[error("cannot listen on the Unix socket {path}")]
+    BindSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why the proxy stopped before serving.
@@ -56,6 +63,16 @@ pub struct App {
     secret_poll: Duration,
     shutdown_grace: Duration,
     limits: ConnectionLimits,
+    tls: Option<ServingTls>,
+    extra: Vec<ExtraListener>,
+}
+
+/// A further listener with its own routes (and so its own proxy) and TLS.
+struct ExtraListener {
+    name: String,
+    listener: Listener,
+    address: ListenAddress,
+    proxy: Arc<Proxy>,
     tls: Option<ServingTls>,
 }
 
@@ -114,7 +131,9 @@ impl App {
             config.server.connect_timeout,
             budgets.clone(),
         ));
-        let mut routes = Vec::new();
+        // The main listener's routes first, then each further listener's.
+        let mut routes: Vec<Vec<Route>> =
+            (0..=config.listeners.len()).map(|_| Vec::new()).collect();
         for r in &config.routes {
             let budget = budgets
                 .get(&origin(r))
@@ -128,21 +147,24 @@ impl App {
                     budgets.clone(),
                 )),
             };
-            routes.push(Route::new(r, accounts[r.account].clone(), budget, clients));
+            let slot = r.listener.map_or(0, |l| l + 1);
+            routes[slot].push(Route::new(r, accounts[r.account].clone(), budget, clients));
         }
-        let proxy = Arc::new(Proxy::new(RouteTable::new(routes), &config.server));
-        let tls = match &config.server.tls {
-            None => None,
-            Some(files) => {
-                let (server, _) =
-                    crate::tls::server_config(files).map_err(StartError::ListenerTls)?;
-                Some(ServingTls {
-                    config: Arc::new(arc_swap::ArcSwap::from_pointee(server)),
-                    files: files.clone(),
-                    every: config.server.tls_reload,
-                })
-            }
-        };
+        let mut routes = routes.into_iter();
+        let main_routes = routes.next().unwrap_or_default();
+        let proxy = Arc::new(Proxy::new(RouteTable::new(main_routes), &config.server));
+        let every = config.server.tls_reload;
+        let tls = serving_tls(config.server.tls.as_ref(), every)?;
+        let mut extra = Vec::new();
+        for (listener, routes) in config.listeners.iter().zip(routes) {
+            extra.push(ExtraListener {
+                name: listener.name.clone(),
+                listener: bind_listener(&listener.address).await?,
+                address: listener.address.clone(),
+                proxy: Arc::new(Proxy::new(RouteTable::new(routes), &config.server)),
+                tls: serving_tls(listener.tls.as_ref(), every)?,
+            });
+        }
         let mut limits = config.server.limits.clone();
         limits.max_connections = Some(
             limits
@@ -175,7 +197,25 @@ impl App {
             shutdown_grace: config.server.shutdown_grace,
             limits,
             tls,
+            extra,
         })
+    }
+
+    /// Returns the further listeners' names and addresses (a socket path for a Unix socket).
+    pub fn listener_addrs(&self) -> Vec<(String, String)> {
+        self.extra
+            .iter()
+            .map(|l| {
+                let address = match (&l.listener, &l.address) {
+                    (Listener::Tcp(tcp), _) => tcp
+                        .local_addr()
+                        .map_or_else(|e| e.to_string(), |a| a.to_string()),
+                    (_, ListenAddress::Unix { path, .. }) => path.display().to_string(),
+                    (_, ListenAddress::Tcp(addr)) => addr.to_string(),
+                };
+                (l.name.clone(), address)
+            })
+            .collect()
     }
 
     /// Returns the address the proxy listens on.
@@ -229,13 +269,37 @@ impl App {
                 ));
             }
         }
-        if let Some(tls) = &self.tls {
+        let serving = self
+            .tls
+            .iter()
+            .chain(self.extra.iter().filter_map(|l| l.tls.as_ref()));
+        for tls in serving {
             tasks.spawn(reload_tls(
                 tls.config.clone(),
                 tls.files.clone(),
                 tls.every,
                 shutdown.clone(),
             ));
+        }
+        for extra in self.extra {
+            let (proxy, limits) = (extra.proxy, self.limits.clone());
+            let (shutdown, grace) = (shutdown.clone(), self.shutdown_grace);
+            let tls = extra.tls.map(|t| t.config);
+            tracing::info!(listener = %extra.name, address = ?extra.address, routes = proxy.routes().routes().len(), "listening");
+            tasks.spawn(async move {
+                serve(
+                    extra.listener,
+                    move |conn| ProxyService::new(proxy.clone(), conn.clone()),
+                    limits,
+                    tls,
+                    shutdown,
+                    grace,
+                )
+                .await;
+                if let ListenAddress::Unix { path, .. } = &extra.address {
+                    let _ = std::fs::remove_file(path);
+                }
+            });
         }
         if let Some(admin) = self.admin {
             let accounts = self.accounts.clone();
@@ -352,6 +416,44 @@ async fn reload_tls(
                 tracing::warn!(%problem, "the TLS files changed but cannot be served; keeping the ones in use");
                 seen = now;
             }
+        }
+    }
+}
+
+/// Builds a listener's TLS from its files, if it has any.
+fn serving_tls(
+    files: Option<&ListenerTls>,
+    every: Duration,
+) -> Result<Option<ServingTls>, StartError> {
+    let Some(files) = files else {
+        return Ok(None);
+    };
+    let (server, _) = crate::tls::server_config(files).map_err(StartError::ListenerTls)?;
+    Ok(Some(ServingTls {
+        config: Arc::new(arc_swap::ArcSwap::from_pointee(server)),
+        files: files.clone(),
+        every,
+    }))
+}
+
+/// Binds a further listener: a TCP address, or a Unix socket created with its file mode
+/// (a socket file left by an earlier run is replaced).
+async fn bind_listener(address: &ListenAddress) -> Result<Listener, StartError> {
+    match address {
+        ListenAddress::Tcp(addr) => Ok(Listener::Tcp(bind(*addr).await?)),
+        ListenAddress::Unix { path, mode } => {
+            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+            let problem = |source| StartError::BindSocket {
+                path: path.display().to_string(),
+                source,
+            };
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                std::fs::remove_file(path).map_err(problem)?;
+            }
+            let listener = tokio::net::UnixListener::bind(path).map_err(problem)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+                .map_err(problem)?;
+            Ok(Listener::Unix(listener))
         }
     }
 }

@@ -11,7 +11,9 @@ use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
 use crate::secret::Secret;
 pub use crate::secret::{read_secret_file, SecretSource};
 use http::uri::{Authority, Scheme};
-use parse::{parse_accounts, parse_identity, parse_routes, parse_server, parse_tls};
+use parse::{
+    parse_accounts, parse_identity, parse_listeners, parse_routes, parse_server, parse_tls,
+};
 use section::Section;
 use std::fmt;
 use std::net::SocketAddr;
@@ -107,6 +109,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub accounts: Vec<AccountConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Further listeners of `[listeners.NAME]`, each serving only the routes that name it.
+    pub listeners: Vec<ListenerConfig>,
     /// Things that work but deserve a word at start-up (an inline secret, a dropped path).
     pub warnings: Vec<String>,
 }
@@ -238,8 +242,30 @@ pub struct RouteConfig {
     pub h2c: bool,
     /// TLS towards this route's upstream beyond the global `[tls]`.
     pub tls: Option<crate::tls::UpstreamTls>,
+    /// Index into [`Config::listeners`]; `None`: the main listener (`server.listen`).
+    pub listener: Option<usize>,
     /// Index into [`Config::accounts`].
     pub account: usize,
+}
+
+/// One `[listeners.NAME]` table: an address of its own, its own TLS, and the routes that
+/// name it.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: ListenAddress,
+    pub tls: Option<crate::tls::ListenerTls>,
+}
+
+/// Where a listener listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddress {
+    Tcp(SocketAddr),
+    /// A Unix socket path, created with this file mode.
+    Unix {
+        path: PathBuf,
+        mode: u32,
+    },
 }
 
 /// The `[routes.access]` table: every rule given must hold for a request to be forwarded.
@@ -319,7 +345,14 @@ impl Config {
         let mut top = Section::new(
             "",
             &root,
-            &["server", "identity", "tls", "accounts", "routes"],
+            &[
+                "server",
+                "identity",
+                "tls",
+                "accounts",
+                "routes",
+                "listeners",
+            ],
         );
         let empty = toml::Table::new();
         let server = parse_server(
@@ -351,8 +384,13 @@ impl Config {
             .and_then(toml::Value::as_table)
             .map(|t| t.keys().map(String::as_str).collect())
             .unwrap_or_default();
+        let listeners = match top.table("listeners") {
+            Some(t) => parse_listeners(t, &mut errors, &mut warnings),
+            None => Vec::new(),
+        };
+        let listener_names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
         let routes = match top.array("routes") {
-            Some(list) => parse_routes(list, &account_names, env, &mut errors),
+            Some(list) => parse_routes(list, &account_names, &listener_names, env, &mut errors),
             None => {
                 if !root.contains_key("routes") {
                     top.error(
@@ -365,28 +403,33 @@ impl Config {
             }
         };
         errors.splice(0..0, top.errors);
-        let client_ca = server
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.client_ca_file.is_some());
         for (i, route) in routes.iter().enumerate() {
+            let tls = match route.listener {
+                None => server.tls.as_ref(),
+                Some(l) => listeners[l].tls.as_ref(),
+            };
+            let client_ca = tls.is_some_and(|t| t.client_ca_file.is_some());
             if !route.access.client_cert.is_empty() && !client_ca {
                 errors.push(ConfigError {
                     key: format!("routes[{i}].access.client_cert"),
                     problem: "needs client certificates, which the listener does not ask for"
                         .into(),
-                    fix: "set server.tls_cert_file, tls_key_file and tls_client_ca_file".into(),
+                    fix: "set tls_cert_file, tls_key_file and tls_client_ca_file on the route's listener".into(),
                 });
             }
         }
-        if !server.listen.ip().is_loopback() {
-            for (i, route) in routes.iter().enumerate() {
-                if route.access.is_open() {
-                    warnings.push(format!(
-                        "routes[{i}] lends its account to every client that reaches {}; add [routes.access] rules (networks, a marker header, ...) for a listener off this machine",
-                        server.listen
-                    ));
-                }
+        for (i, route) in routes.iter().enumerate() {
+            let off_machine = match route.listener {
+                None => Some(server.listen).filter(|a| !a.ip().is_loopback()),
+                Some(l) => match &listeners[l].address {
+                    ListenAddress::Tcp(a) if !a.ip().is_loopback() => Some(*a),
+                    _ => None,
+                },
+            };
+            if let (Some(listen), true) = (off_machine, route.access.is_open()) {
+                warnings.push(format!(
+                    "routes[{i}] lends its account to every client that reaches {listen}; add [routes.access] rules (networks, a marker header, ...) for a listener off this machine"
+                ));
             }
         }
         if errors.is_empty() {
@@ -396,6 +439,7 @@ impl Config {
                 tls,
                 accounts,
                 routes,
+                listeners,
                 warnings,
             })
         } else {

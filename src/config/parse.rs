@@ -2,10 +2,11 @@
 
 use super::section::Section;
 use super::{
-    AccessRules, ConnectionLimits, DEFAULT_BODY_TIMEOUT, DEFAULT_H2_CONNECTION_WINDOW,
-    DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_H2_STREAM_WINDOW, DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES,
-    DEFAULT_REPLAY_MEMORY, DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+    AccessRules, ConnectionLimits, ListenAddress, ListenerConfig, DEFAULT_BODY_TIMEOUT,
+    DEFAULT_H2_CONNECTION_WINDOW, DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_H2_STREAM_WINDOW,
+    DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_URI_BYTES, DEFAULT_REPLAY_MEMORY, DEFAULT_TUNNEL_IDLE_TIMEOUT,
+    DEFAULT_WRITE_TIMEOUT,
 };
 use super::{
     AccountConfig, ConfigError, EnvLookup, IdentityConfig, RouteConfig, SecretSource, ServerConfig,
@@ -571,9 +572,99 @@ fn resolve_secret(
     Some((Secret::new(value.trim()), SecretSource::Inline))
 }
 
+pub(super) fn parse_listeners(
+    table: &toml::Table,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> Vec<ListenerConfig> {
+    let mut listeners = Vec::new();
+    for (name, value) in table {
+        let path = format!("listeners.{name}");
+        let Some(t) = value.as_table() else {
+            errors.push(ConfigError {
+                key: path,
+                problem: format!("must be a table, found a {}", value.type_str()),
+                fix: format!("write it as [listeners.{name}] with listen or socket"),
+            });
+            continue;
+        };
+        let mut s = Section::new(
+            path,
+            t,
+            &[
+                "listen",
+                "socket",
+                "socket_mode",
+                "tls_cert_file",
+                "tls_key_file",
+                "tls_client_ca_file",
+                "tls_client_auth",
+            ],
+        );
+        let tcp = s.socket_addr("listen");
+        let socket = s.string("socket").map(PathBuf::from);
+        let mode = s.string("socket_mode").map_or(Some(0o660), |m| {
+            let parsed = u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777);
+            if parsed.is_none() {
+                s.error(
+                    "socket_mode",
+                    format!("{m:?} is not an octal file mode"),
+                    "write it as \"0660\"",
+                );
+            }
+            parsed
+        });
+        let tls = parse_listener_tls(&mut s, warnings);
+        let address = match (tcp, socket) {
+            (Some(addr), None) => Some(ListenAddress::Tcp(addr)),
+            (None, Some(path)) => {
+                if tls.is_some() {
+                    s.error(
+                        "tls_cert_file",
+                        "is set for a Unix socket",
+                        "remove the tls keys: the socket's file mode guards who connects",
+                    );
+                }
+                Some(ListenAddress::Unix {
+                    path,
+                    mode: mode.unwrap_or(0o660),
+                })
+            }
+            (None, None) => {
+                s.error(
+                    "listen",
+                    "is missing",
+                    "give an address such as \"127.0.0.1:8081\", or a socket path",
+                );
+                None
+            }
+            (Some(_), Some(_)) => {
+                s.error(
+                    "socket",
+                    "is given together with listen",
+                    "keep one of listen and socket",
+                );
+                None
+            }
+        };
+        if let Some(address) = address {
+            listeners.push(ListenerConfig {
+                name: name.clone(),
+                address,
+                tls,
+            });
+        }
+        errors.extend(s.errors);
+    }
+    listeners
+}
+
 pub(super) fn parse_routes(
     list: &[toml::Value],
     accounts: &[&str],
+    listeners: &[&str],
     env: EnvLookup<'_>,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<RouteConfig> {
@@ -585,7 +676,7 @@ pub(super) fn parse_routes(
             fix: "add at least one [[routes]] with upstream and account".into(),
         });
     }
-    let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+    let mut seen: BTreeMap<(Option<usize>, Option<String>, String), usize> = BTreeMap::new();
     for (i, value) in list.iter().enumerate() {
         let path = format!("routes[{i}]");
         let Some(t) = value.as_table() else {
@@ -611,6 +702,7 @@ pub(super) fn parse_routes(
                 "access",
                 "h2c",
                 "tls",
+                "listener",
                 "account",
             ],
         );
@@ -673,6 +765,19 @@ pub(super) fn parse_routes(
                 "use an https:// upstream, or remove the tls table",
             );
         }
+        let listener = s.string("listener").and_then(|name| {
+            match listeners.iter().position(|l| *l == name) {
+                Some(i) => Some(i),
+                None => {
+                    s.error(
+                        "listener",
+                        format!("names {name:?}, which is not a configured listener"),
+                        "name one of the [listeners.NAME] tables, or remove it for the main listener",
+                    );
+                    None
+                }
+            }
+        });
         let h2c = s.bool("h2c", false);
         if h2c && upstream.as_ref().is_some_and(|u| u.scheme == Scheme::HTTPS) {
             s.error(
@@ -716,7 +821,7 @@ pub(super) fn parse_routes(
                     None
                 }
             });
-        if let Some(first) = seen.insert((host.clone(), path_prefix.clone()), i) {
+        if let Some(first) = seen.insert((listener, host.clone(), path_prefix.clone()), i) {
             s.error(
                 "path_prefix",
                 format!("repeats the host and path_prefix of routes[{first}]"),
@@ -736,6 +841,7 @@ pub(super) fn parse_routes(
                 access,
                 h2c,
                 tls,
+                listener,
                 account,
             });
         }

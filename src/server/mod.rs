@@ -26,9 +26,15 @@ use hyper_util::server::conn::auto;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Listener {
+        Listener::Tcp(listener)
+    }
+}
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
-use transport::Transport;
+use transport::{Accepted, Listener, Transport};
 use watchdog::{Timeouts, Verdict, Watchdog};
 
 /// File descriptors kept free of client connections for the identity service, the admin
@@ -65,7 +71,7 @@ pub type TlsConfig = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
 /// to `grace` and drops the rest. Returns the deadline it drained by: shutdown's moment
 /// plus `grace`.
 pub async fn serve<S, B>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     make: impl Fn(&Arc<ClientConn>) -> S + Send + Sync + 'static,
     limits: ConnectionLimits,
     tls: Option<TlsConfig>,
@@ -80,6 +86,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let listener = listener.into();
     let builder = Arc::new(builder(&limits));
     let make = Arc::new(make);
     let max_connections = limits
@@ -125,7 +132,6 @@ where
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let accepted = Instant::now();
         let draining = Draining {
             shutdown: shutdown.clone(),
@@ -136,9 +142,10 @@ where
         tokio::spawn(async move {
             // The handshake counts against the time to the first request head.
             let deadline = accepted + timeouts.header;
-            let (transport, client_cert) = match tls {
-                None => (Transport::Plain(stream), None),
-                Some(tls) => {
+            let (transport, client_cert) = match (stream, tls) {
+                (Accepted::Unix(stream), _) => (Transport::Unix(stream), None),
+                (Accepted::Tcp(stream), None) => (Transport::Plain(stream), None),
+                (Accepted::Tcp(stream), Some(tls)) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
                     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {

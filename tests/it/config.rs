@@ -385,3 +385,26 @@ fn upstream_tls_tables_are_checked() {
     let identity = format!("[identity.tls]\nca_file = \"/nonexistent/ca.pem\"\n{VALID}");
     assert_eq!(keys(&identity), ["identity.tls.ca_file"]);
 }
+
+#[test]
+fn further_listeners_are_checked() {
+    let text = format!(
+        "[listeners.a]\nlisten = \"127.0.0.1:8081\"\n[listeners.b]\nsocket = \"/tmp/x.sock\"\nlisten = \"127.0.0.1:8082\"\n[listeners.c]\nsocket = \"/tmp/c.sock\"\nsocket_mode = \"rw\"\n{VALID}listener = \"nowhere\"\n"
+    );
+    assert_eq!(
+        keys(&text),
+        [
+            "listeners.b.socket",
+            "listeners.c.socket_mode",
+            "routes[0].listener"
+        ]
+    );
+    let text = format!("[listeners.a]\nlisten = \"0.0.0.0:8081\"\n{VALID}listener = \"a\"\n");
+    let config = Config::parse(&text, &env).unwrap();
+    assert_eq!(config.routes[0].listener, Some(0));
+    assert!(
+        config.warnings[0].contains("0.0.0.0:8081"),
+        "{:?}",
+        config.warnings
+    );
+}

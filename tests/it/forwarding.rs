@@ -380,3 +380,78 @@ async fn a_route_marked_h2c_speaks_http2_with_prior_knowledge_to_its_upstream() 
     let reply = get(&proxy.url("/plain/x")).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
 }
+
+#[tokio::test]
+async fn further_listeners_serve_their_own_routes_with_their_own_accounts_over_tcp_and_a_unix_socket(
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut settings = StubSettings::default();
+    settings
+        .accounts
+        .push(StubAccount::new("second-client", "second-secret"));
+    let stubs = Stubs::start(settings).await;
+    let dir = std::env::temp_dir().join(format!("map-listeners-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("proxy.sock");
+    let rest = format!(
+        "[accounts.second]\nclient_id = \"second-client\"\nclient_secret_env = \"SECOND_SECRET\"\n\
+         [listeners.app2]\nlisten = \"127.0.0.1:0\"\n\
+         [listeners.local]\nsocket = {socket:?}\nsocket_mode = \"0600\"\n\
+         [[routes]]\npath_prefix = \"/second\"\nstrip_prefix = true\nupstream = \"http://{up}\"\naccount = \"second\"\nlistener = \"app2\"\n\
+         [[routes]]\nupstream = \"http://{up}\"\naccount = \"main\"\nlistener = \"local\"\n",
+        socket = socket.display().to_string(),
+        up = stubs.upstream_addr,
+    );
+    let config = mosaic_auth_proxy::Config::parse(&stubs.config("", &rest), &env).unwrap();
+    let app = mosaic_auth_proxy::App::bind(config).await.unwrap();
+    let main = app.local_addr();
+    let listeners = app.listener_addrs();
+    let app2 = listeners
+        .iter()
+        .find(|(n, _)| n == "app2")
+        .unwrap()
+        .1
+        .clone();
+    let accounts = app.accounts();
+    let (_trigger, signal) = mosaic_auth_proxy::shutdown::channel();
+    tokio::spawn(app.run(signal));
+    for account in accounts.iter() {
+        account
+            .header_or_wait(Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let name = |reply: Reply| reply.json()["data"]["whoami"]["name"].clone();
+
+    assert_eq!(
+        name(get(&format!("http://{main}/whoami")).await),
+        "demo-client (stand-in)"
+    );
+    assert_eq!(
+        name(get(&format!("http://{app2}/second/whoami")).await),
+        "second-client (stand-in)"
+    );
+    assert_eq!(
+        get(&format!("http://{app2}/whoami")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(unix))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("/whoami")
+        .header(header::HOST, "local")
+        .body(empty())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["data"]["whoami"]["name"], "demo-client (stand-in)");
+    std::fs::remove_dir_all(dir).unwrap();
+}
