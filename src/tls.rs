@@ -44,6 +44,16 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
+/// Adds every certificate of a PEM bundle to `roots`.
+fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
+    for cert in read_ca_file(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("holds a certificate rustls refuses: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Builds a client configuration trusting the bundled web PKI roots, the certificates of
 /// `ca_file` and, if `native_roots`, the operating system's roots.
 pub fn client_config(native_roots: bool, ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
@@ -58,27 +68,11 @@ pub fn client_config_for(
 ) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let problem = |problem: String| TlsError::CaFile {
+    for path in ca_file.into_iter().chain(upstream.ca_file.as_deref()) {
+        add_ca_file(&mut roots, path).map_err(|problem| TlsError::CaFile {
             path: path.display().to_string(),
             problem,
-        };
-        for cert in read_ca_file(path).map_err(problem)? {
-            roots
-                .add(cert)
-                .map_err(|e| problem(format!("holds a certificate rustls refuses: {e}")))?;
-        }
-    }
-    if let Some(path) = &upstream.ca_file {
-        let problem = |problem: String| TlsError::CaFile {
-            path: path.display().to_string(),
-            problem,
-        };
-        for cert in read_ca_file(path).map_err(problem)? {
-            roots
-                .add(cert)
-                .map_err(|e| problem(format!("holds a certificate rustls refuses: {e}")))?;
-        }
+        })?;
     }
     if native_roots {
         let found = rustls_native_certs::load_native_certs();
