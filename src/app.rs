@@ -31,6 +31,8 @@ pub enum StartError {
     IdentityClient(#[source] reqwest::Error),
     #[error("cannot serve TLS: {0}")]
     ListenerTls(String),
+    #[error("cannot resolve the identity service {origin}: {problem}")]
+    IdentityAddress { origin: String, problem: String },
     #[error("cannot listen on the Unix socket {path}")]
     BindSocket {
         path: String,
@@ -94,11 +96,21 @@ impl App {
         let tls = client_config(config.tls.native_roots, global_ca)?;
         let identity_tls =
             client_config_for(config.tls.native_roots, global_ca, &config.identity.tls)?;
+        let identity_addrs = match &config.identity.tls.server_name {
+            Some(_) => identity_addresses(&config.identity.origin).await?,
+            None => Vec::new(),
+        };
         let identity = IdentityClient::new(
             &config.identity.origin,
             config.identity.timeout,
             config.identity.max_reply_bytes,
             identity_tls,
+            config
+                .identity
+                .tls
+                .server_name
+                .as_deref()
+                .map(|name| (name, identity_addrs.as_slice())),
         )
         .map_err(StartError::IdentityClient)?;
         let accounts: Arc<[Arc<Account>]> = config
@@ -418,6 +430,26 @@ async fn reload_tls(
             }
         }
     }
+}
+
+/// Resolves the identity service's origin host once, for a server-name override.
+async fn identity_addresses(origin: &str) -> Result<Vec<SocketAddr>, StartError> {
+    let failed = |problem: String| StartError::IdentityAddress {
+        origin: origin.to_owned(),
+        problem,
+    };
+    let url = reqwest::Url::parse(origin).map_err(|e| failed(e.to_string()))?;
+    let host = url.host_str().ok_or_else(|| failed("no host".into()))?;
+    let port = url.port_or_known_default().unwrap_or(443);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(failed("resolves to no address".into()));
+    }
+    Ok(addrs)
 }
 
 /// Builds a listener's TLS from its files, if it has any.

@@ -197,7 +197,7 @@ pub struct IdentityConfig {
     pub breaker: BreakerPolicy,
     /// How often file secrets are read again to notice a rotation.
     pub secret_poll: Duration,
-    /// TLS towards the identity service beyond the global `[tls]` (server_name is not used).
+    /// TLS towards the identity service beyond the global `[tls]`.
     pub tls: crate::tls::UpstreamTls,
 }
 

@@ -370,17 +370,7 @@ pub(super) fn parse_identity(
         secret_poll: s.duration("secret_poll", DEFAULT_SECRET_POLL),
         tls: s
             .table("tls")
-            .map(|table| {
-                let tls = parse_upstream_tls("identity.tls", table, errors);
-                if tls.server_name.is_some() {
-                    errors.push(ConfigError {
-                        key: "identity.tls.server_name".into(),
-                        problem: "is not supported for the identity service".into(),
-                        fix: "remove it; name the identity service in identity.origin by the name its certificate carries".into(),
-                    });
-                }
-                tls
-            })
+            .map(|table| parse_upstream_tls("identity.tls", table, errors))
             .unwrap_or_default(),
     };
     if config.secret_poll < std::time::Duration::from_millis(10) {

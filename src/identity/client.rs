@@ -132,20 +132,29 @@ pub struct IdentityClient {
 
 impl IdentityClient {
     /// Creates a client for the identity service at `origin` (`scheme://authority`).
+    ///
+    /// With `server_name`, the service is asked for by that name (SNI, certificate check and
+    /// `Host`) at the addresses the origin's host had at start.
     pub fn new(
         origin: &str,
         timeout: Duration,
         max_reply_bytes: u64,
         tls: rustls::ClientConfig,
+        server_name: Option<(&str, &[std::net::SocketAddr])>,
     ) -> Result<IdentityClient, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("mosaic-auth-proxy/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let url = reqwest::Url::parse(&format!("{origin}/graphql"))
+            .user_agent(concat!("mosaic-auth-proxy/", env!("CARGO_PKG_VERSION")));
+        let mut url = reqwest::Url::parse(&format!("{origin}/graphql"))
             .expect("a validated origin joins with /graphql");
+        if let Some((name, addrs)) = server_name {
+            builder = builder.resolve_to_addrs(name, addrs);
+            url.set_host(Some(name))
+                .expect("a validated server name is a host");
+        }
+        let http = builder.build()?;
         Ok(IdentityClient {
             http,
             url,

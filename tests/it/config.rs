@@ -408,9 +408,3 @@ fn further_listeners_are_checked() {
         config.warnings
     );
 }
-
-#[test]
-fn the_identity_service_takes_no_server_name_override() {
-    let text = format!("[identity.tls]\nserver_name = \"id.internal\"\n{VALID}");
-    assert_eq!(keys(&text), ["identity.tls.server_name"]);
-}

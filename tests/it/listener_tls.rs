@@ -381,8 +381,30 @@ async fn mtls_upstream(server_ca: &Ca, client_ca: &Ca) -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// A current-thread runtime keeps every task on the thread whose subscriber captures them.
+#[tokio::test(flavor = "current_thread")]
 async fn a_route_reaches_an_mtls_upstream_with_its_own_ca_client_certificate_and_server_name() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("mosaic_auth_proxy=warn")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let stubs = Stubs::start(StubSettings::default()).await;
     let (upstream_ca, client_ca, unrelated_ca) = (
         Ca::new("upstream CA"),
@@ -429,4 +451,87 @@ async fn a_route_reaches_an_mtls_upstream_with_its_own_ca_client_certificate_and
             "{path}"
         );
     }
+    // Each failure is a warning that names its cause.
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let failures: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("failed"))
+        .collect();
+    assert_eq!(failures.len(), 2, "{logs}");
+    assert!(failures.iter().all(|l| l.contains("upstream")), "{logs}");
+}
+
+/// A TLS front for `id.internal` before a plain identity stand-in, demanding a client
+/// certificate of `client_ca`.
+async fn tls_front(server_ca: &Ca, client_ca: &Ca, behind: String) -> std::net::SocketAddr {
+    let (cert, key) = server_ca.leaf("identity", &["id.internal"], None);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(client_ca.0.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        // Bounded: the proxy makes a connection or two.
+        for _ in 0..16 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, behind) = (acceptor.clone(), behind.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(behind).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_identity_service_is_reached_with_its_own_ca_client_certificate_and_server_name() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let (server_ca, client_ca) = (Ca::new("identity CA"), Ca::new("client CA"));
+    let plain = stubs
+        .identity
+        .origin()
+        .trim_start_matches("http://")
+        .to_owned();
+    let front = tls_front(&server_ca, &client_ca, plain).await;
+    let files = Files::new("identity");
+    std::fs::write(files.path("ca.pem"), server_ca.pem()).unwrap();
+    let (cert, key) = client_ca.leaf("proxy", &[], Some("spiffe://example.org/proxy"));
+    std::fs::write(files.path("client.pem"), pem_cert(&cert)).unwrap();
+    std::fs::write(files.path("client.key"), key.serialize_pem()).unwrap();
+    let p = |name: &str| format!("{:?}", files.path(name).display().to_string());
+    let text = stubs
+        .config("", "")
+        .replace(
+            &format!("origin = \"{}\"", stubs.identity.origin()),
+            &format!("origin = \"https://{front}\""),
+        )
+        + &format!(
+            "[identity.tls]\nca_file = {}\nclient_cert_file = {}\nclient_key_file = {}\nserver_name = \"id.internal\"\n",
+            p("ca.pem"),
+            p("client.pem"),
+            p("client.key")
+        );
+    let proxy = TestProxy::start(&text).await.ready().await;
+    let reply = get(&proxy.url("/whoami")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(stubs.identity.token_requests(), 1);
 }
