@@ -242,3 +242,28 @@ fn validity_warnings(cert: &CertificateDer<'_>, path: &Path) -> Vec<String> {
     }
     warnings
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_matches_by_subject_dns_name_or_uri() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["app1.internal".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "app1");
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://example.org/app1".try_into().unwrap(),
+        ));
+        let cert = params.self_signed(&key).unwrap();
+        let seen = ClientCert::from_der(cert.der()).unwrap();
+        for wanted in ["CN=app1", "app1.internal", "spiffe://example.org/app1"] {
+            assert!(seen.matches(wanted), "{wanted}: {seen:?}");
+        }
+        for other in ["CN=app2", "app1", "spiffe://example.org/app2"] {
+            assert!(!seen.matches(other), "{other}");
+        }
+    }
+}

@@ -129,7 +129,15 @@ async fn get_over_tls(
     tls: &tokio_rustls::TlsConnector,
     path: &str,
 ) -> Result<(StatusCode, Vec<u8>, CertificateDer<'static>), String> {
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    get_over_tls_at(&proxy.addr.to_string(), tls, path).await
+}
+
+async fn get_over_tls_at(
+    addr: &str,
+    tls: &tokio_rustls::TlsConnector,
+    path: &str,
+) -> Result<(StatusCode, Vec<u8>, CertificateDer<'static>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
     let stream = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
     let (_, session) = stream.get_ref();
@@ -534,4 +542,38 @@ async fn the_identity_service_is_reached_with_its_own_ca_client_certificate_and_
     let reply = get(&proxy.url("/whoami")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(stubs.identity.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_further_listener_has_tls_of_its_own() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let ca = Ca::new("listener CA");
+    let files = Files::new("further");
+    let (cert, key) = ca.leaf("secure", &["localhost"], None);
+    files.server(&cert, &key);
+    let rest = format!(
+        "[listeners.secure]\nlisten = \"127.0.0.1:0\"\n{}\n[[routes]]\npath_prefix = \"/secure\"\nstrip_prefix = true\nupstream = \"http://{}\"\naccount = \"main\"\nlistener = \"secure\"\n",
+        files.config(""),
+        stubs.upstream_addr
+    );
+    let proxy = TestProxy::start(&stubs.config("", &rest))
+        .await
+        .ready()
+        .await;
+    let secure = proxy
+        .listeners
+        .iter()
+        .find(|(n, _)| n == "secure")
+        .unwrap()
+        .1
+        .clone();
+    let reply = get_over_tls_at(&secure, &connector(&ca, &[b"h2"], None), "/secure/whoami").await;
+    assert_eq!(reply.unwrap().0, StatusCode::OK);
+    // The main listener stays plain and serves its own catch-all route, which does not strip
+    // the prefix as the secure listener's route does.
+    assert_eq!(
+        get(&proxy.url("/secure/whoami")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(stubs.upstream.last().unwrap().path, "/secure/whoami");
 }

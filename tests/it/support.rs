@@ -123,6 +123,8 @@ pub struct TestProxy {
     pub admin: SocketAddr,
     pub accounts: Arc<[Arc<Account>]>,
     pub proxy: Arc<mosaic_auth_proxy::proxy::Proxy>,
+    /// The further listeners' names and addresses.
+    pub listeners: Vec<(String, String)>,
     trigger: ShutdownTrigger,
 }
 
@@ -136,6 +138,7 @@ impl TestProxy {
             admin: app.admin_addr().expect("tests configure an admin listener"),
             accounts: app.accounts(),
             proxy: app.proxy(),
+            listeners: app.listener_addrs(),
             trigger,
         };
         tokio::spawn(app.run(signal));
