@@ -337,10 +337,10 @@ fn listener_tls_settings_are_checked_with_the_file_at_fault_named() {
     );
 }
 
-/// An HTTPS upstream for `upstream.internal` that demands a client certificate of
-/// `client_ca`; answers 200 with whether a bearer token came.
-async fn mtls_upstream(server_ca: &Ca, client_ca: &Ca) -> std::net::SocketAddr {
-    let (cert, key) = server_ca.leaf("upstream", &["upstream.internal"], None);
+/// A TLS acceptor for `name`, certified by `server_ca`, that demands a client certificate of
+/// `client_ca`; ALPN h2 and http/1.1.
+fn demanding_acceptor(server_ca: &Ca, name: &str, client_ca: &Ca) -> tokio_rustls::TlsAcceptor {
+    let (cert, key) = server_ca.leaf(name, &[name], None);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(client_ca.0.der().clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -357,7 +357,13 @@ async fn mtls_upstream(server_ca: &Ca, client_ca: &Ca) -> std::net::SocketAddr {
         .with_single_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
         .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// An HTTPS upstream for `upstream.internal` that demands a client certificate of
+/// `client_ca`; answers 200 with whether a bearer token came.
+async fn mtls_upstream(server_ca: &Ca, client_ca: &Ca) -> std::net::SocketAddr {
+    let acceptor = demanding_acceptor(server_ca, "upstream.internal", client_ca);
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -387,19 +393,6 @@ async fn mtls_upstream(server_ca: &Ca, client_ca: &Ca) -> std::net::SocketAddr {
         }
     });
     addr
-}
-
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 // A current-thread runtime keeps every task on the thread whose subscriber captures them.
@@ -472,23 +465,7 @@ async fn a_route_reaches_an_mtls_upstream_with_its_own_ca_client_certificate_and
 /// A TLS front for `id.internal` before a plain identity stand-in, demanding a client
 /// certificate of `client_ca`.
 async fn tls_front(server_ca: &Ca, client_ca: &Ca, behind: String) -> std::net::SocketAddr {
-    let (cert, key) = server_ca.leaf("identity", &["id.internal"], None);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(client_ca.0.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![cert], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = demanding_acceptor(server_ca, "id.internal", client_ca);
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -4,22 +4,7 @@ use crate::support::*;
 use http::header;
 use mosaic_auth_proxy::mosaic::ErrorCode;
 use mosaic_auth_proxy::stub::{Fault, StubSettings};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 // A current-thread runtime keeps every task on the thread whose subscriber captures them.
 #[tokio::test(flavor = "current_thread")]
