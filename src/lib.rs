@@ -18,6 +18,7 @@ pub mod config;
 pub mod demo;
 pub mod identity;
 pub mod jwt;
+pub mod metrics;
 pub mod mosaic;
 pub mod proxy;
 pub mod secret;

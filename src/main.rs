@@ -240,16 +240,22 @@ async fn run(
     admin_listen: Option<SocketAddr>,
     wait_ready: Option<u64>,
 ) -> ExitCode {
-    let mut config = match load(path) {
-        Ok(config) => config,
-        Err(code) => return code,
+    let source = app::Source {
+        path: path.to_owned(),
+        listen,
+        admin_listen,
     };
-    config.server.listen = listen.unwrap_or(config.server.listen);
-    config.server.admin_listen = admin_listen.or(config.server.admin_listen);
+    let config = match source.load() {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("error: {errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let app = match App::bind(config).await {
+    let app = match App::bind_reloadable(config, Some(source)).await {
         Ok(app) => app,
         Err(error) => {
             tracing::error!(error = %error_chain(&error), "cannot start");
@@ -257,7 +263,7 @@ async fn run(
         }
     };
     let (_trigger, signal) = shutdown::channel_on_signal();
-    tokio::spawn(app::reload_secrets_on_hangup(app.accounts()));
+    tokio::spawn(app::reload_on_hangup(app.live()));
     let wait_ready = wait_ready.map(Duration::from_secs);
     match app
         .run_when_ready(signal, wait_ready, || println!("ready"))

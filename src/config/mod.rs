@@ -144,10 +144,12 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::ListenerTls>,
     /// How often the listener's certificate files are read again to notice a rotation.
     pub tls_reload: Duration,
+    /// One `info` line per request (target `access`).
+    pub access_log: bool,
 }
 
 /// The bounds on what one client connection may hold, and on how many there are.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ConnectionLimits {
     /// Connections served at once; `None`: derived from the open-file limit at start.
     pub max_connections: Option<usize>,
@@ -186,7 +188,7 @@ impl Default for ConnectionLimits {
 }
 
 /// The `[identity]` table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IdentityConfig {
     /// `scheme://authority` of the identity service; `/graphql` is resolved against it.
     pub origin: String,
@@ -202,7 +204,7 @@ pub struct IdentityConfig {
 }
 
 /// The `[tls]` table: how upstreams and the identity service are verified.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TlsConfig {
     /// Trust the operating system's roots in addition to the bundled web PKI roots.
     pub native_roots: bool,
@@ -244,13 +246,15 @@ pub struct RouteConfig {
     pub tls: Option<crate::tls::UpstreamTls>,
     /// Index into [`Config::listeners`]; `None`: the main listener (`server.listen`).
     pub listener: Option<usize>,
+    /// The name of that listener.
+    pub listener_name: Option<String>,
     /// Index into [`Config::accounts`].
     pub account: usize,
 }
 
 /// One `[listeners.NAME]` table: an address of its own, its own TLS, and the routes that
 /// name it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
     pub address: ListenAddress,

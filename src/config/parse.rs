@@ -150,6 +150,7 @@ pub(super) fn parse_server(
             "tls_client_ca_file",
             "tls_client_auth",
             "tls_reload",
+            "access_log",
         ],
     );
     let listen = s
@@ -233,6 +234,7 @@ pub(super) fn parse_server(
         tunnel_idle_timeout: s.duration("tunnel_idle_timeout", DEFAULT_TUNNEL_IDLE_TIMEOUT),
         tls,
         tls_reload: s.duration("tls_reload", DEFAULT_TLS_RELOAD),
+        access_log: s.bool("access_log", false),
         upstream_max_connections: s.integer(
             "upstream_max_connections",
             DEFAULT_UPSTREAM_MAX_CONNECTIONS as u64,
@@ -841,6 +843,7 @@ pub(super) fn parse_routes(
                 access,
                 h2c,
                 tls,
+                listener_name: listener.map(|l| listeners[l].to_owned()),
                 listener,
                 account,
             });

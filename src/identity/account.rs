@@ -5,6 +5,7 @@ use super::breaker::BreakerPolicy;
 use super::client::IdentityError;
 use super::lifecycle::{Arrival, Lifecycle, Refusal};
 use super::refresh::RetryPolicy;
+use super::stats::{AccountStats, TokenOutcome};
 use super::token::Token;
 use crate::error_chain;
 use crate::secret::{read_secret_file, Secret, SecretSource};
@@ -65,6 +66,31 @@ pub struct Account {
     lifecycle: Mutex<Lifecycle>,
     /// Set once the clock warning was given, so it is given once.
     warned_clock: AtomicBool,
+    stats: AccountStats,
+}
+
+/// How an account stands, for readiness, metrics and the status page; never the token.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AccountStatus {
+    pub account: String,
+    pub client_id: String,
+    /// `ready` (a usable token), `failing` (none, and the last request failed) or `waiting`
+    /// (none yet, no failure).
+    pub state: &'static str,
+    /// The fingerprint of the cached token (the first 8 hex digits of its SHA-256).
+    pub fingerprint: Option<String>,
+    /// Seconds until the cached token expires; negative once it has.
+    pub expires_in_s: Option<f64>,
+    /// Milliseconds since the Unix epoch at which the cached token expires.
+    pub expires_at_ms: Option<u64>,
+    /// Seconds until the next token request, if one is scheduled.
+    pub next_refresh_in_s: Option<f64>,
+    /// Milliseconds since the Unix epoch of the next token request.
+    pub next_refresh_at_ms: Option<u64>,
+    /// The last token request's failure, if it failed.
+    pub last_error: Option<String>,
+    /// Upstreams kept refusing fresh tokens: refusals pass through without a refresh.
+    pub breaker_open: bool,
 }
 
 impl Account {
@@ -91,6 +117,7 @@ impl Account {
             wake: Notify::new(),
             lifecycle: Mutex::new(Lifecycle::new(retry, breaker)),
             warned_clock: AtomicBool::new(false),
+            stats: AccountStats::default(),
         }
     }
 
@@ -140,6 +167,50 @@ impl Account {
         match guard.as_deref() {
             Some(token) if token.is_usable_at(Instant::now()) => Some(token.header().clone()),
             _ => None,
+        }
+    }
+
+    /// Returns the account's counters and timeline.
+    pub fn stats(&self) -> &AccountStats {
+        &self.stats
+    }
+
+    /// Describes how the account stands now.
+    pub fn status(&self) -> AccountStatus {
+        let now = Instant::now();
+        let wall_ms = super::stats::now_ms() as f64;
+        let at_ms = |at: Instant| {
+            let delta = if at >= now {
+                (at - now).as_secs_f64()
+            } else {
+                -(now - at).as_secs_f64()
+            };
+            (delta, (wall_ms + delta * 1e3).max(0.0) as u64)
+        };
+        let token = self.current.load_full();
+        let (failure, next_attempt) = {
+            let progress = self.progress.borrow();
+            (progress.failure.clone(), progress.next_attempt)
+        };
+        let usable = token.as_deref().is_some_and(|t| t.is_usable_at(now));
+        let state = match (usable, &failure) {
+            (true, _) => "ready",
+            (false, Some(_)) => "failing",
+            (false, None) => "waiting",
+        };
+        let expiry = token.as_deref().map(|t| at_ms(t.expires_at()));
+        let next = next_attempt.filter(|at| *at >= now).map(at_ms);
+        AccountStatus {
+            account: self.name.clone(),
+            client_id: self.client_id.clone(),
+            state,
+            fingerprint: token.as_deref().map(|t| t.fingerprint().to_owned()),
+            expires_in_s: expiry.map(|e| e.0),
+            expires_at_ms: expiry.map(|e| e.1),
+            next_refresh_in_s: next.map(|n| n.0),
+            next_refresh_at_ms: next.map(|n| n.1),
+            last_error: failure.map(|f| error_chain(&*f)),
+            breaker_open: self.lifecycle().breaker_open(now),
         }
     }
 
@@ -250,8 +321,20 @@ impl Account {
     pub(super) fn settle(&self, outcome: Result<Token, IdentityError>, sample: f64) -> Instant {
         let now = Instant::now();
         let (next, failure) = match outcome {
-            Ok(token) => (self.arrived(token, now, sample), None),
-            Err(error) => (self.failed(&error, now, sample), Some(Arc::new(error))),
+            Ok(token) => {
+                self.stats
+                    .token_request(TokenOutcome::Ok, token.fingerprint());
+                (self.arrived(token, now, sample), None)
+            }
+            Err(error) => {
+                let outcome = if error.is_permanent() {
+                    TokenOutcome::Permanent
+                } else {
+                    TokenOutcome::Transient
+                };
+                self.stats.token_request(outcome, error.kind());
+                (self.failed(&error, now, sample), Some(Arc::new(error)))
+            }
         };
         self.progress.send_modify(|p| {
             p.fetching = false;
@@ -340,13 +423,20 @@ impl Account {
             },
             SecretSource::Inline => return Ok(false),
         };
+        Ok(self.replace_secret(fresh))
+    }
+
+    /// Uses `fresh` from now on if it differs from the secret in use, and has the refresher
+    /// ask for a token with it at once (the current token stays in use until the new one
+    /// arrives). Returns whether it differed.
+    pub fn replace_secret(&self, fresh: Secret) -> bool {
         if fresh.expose() == self.secret.load().expose() {
-            return Ok(false);
+            return false;
         }
         self.secret.store(Arc::new(fresh));
         tracing::info!(account = %self.name, "the client secret changed; requesting a token with it");
         self.lifecycle().secret_changed();
         self.wake.notify_one();
-        Ok(true)
+        true
     }
 }

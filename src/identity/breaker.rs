@@ -85,6 +85,11 @@ impl Breaker {
         Verdict::React
     }
 
+    /// Tells whether the breaker holds rejections at `now`.
+    pub fn is_open(&self, now: Instant) -> bool {
+        self.open_until.is_some_and(|until| now < until)
+    }
+
     /// Records the token obtained in answer to a rejection.
     pub fn on_cure(&mut self, header: HeaderValue) {
         self.cure = Some(header);

@@ -152,6 +152,11 @@ impl Lifecycle {
         }
     }
 
+    /// Tells whether the breaker holds rejections at `now`.
+    pub fn breaker_open(&self, now: Instant) -> bool {
+        self.breaker.is_open(now)
+    }
+
     /// Notes a new client secret: a token request is due at once, whatever the backoff.
     pub fn secret_changed(&mut self) {
         self.repeating = false;

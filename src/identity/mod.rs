@@ -9,8 +9,9 @@ pub mod client;
 pub mod lifecycle;
 pub mod refresh;
 pub mod refresher;
+pub mod stats;
 pub mod token;
 
-pub use account::{Account, Rejection, TokenUnavailable};
+pub use account::{Account, AccountStatus, Rejection, TokenUnavailable};
 pub use client::{Grant, IdentityClient, IdentityError};
 pub use token::Token;

@@ -14,6 +14,7 @@ pub struct Token {
     header: HeaderValue,
     usable_until: Instant,
     refresh_at: Instant,
+    expires_at: Instant,
     lifetime: Duration,
     fingerprint: String,
     clock_gap: f64,
@@ -56,6 +57,7 @@ impl Token {
             header,
             usable_until: grant.sent_at + plan.usable_for,
             refresh_at: grant.sent_at + plan.refresh_after,
+            expires_at: grant.sent_at + lifetime,
             lifetime,
             fingerprint,
             clock_gap,
@@ -80,6 +82,11 @@ impl Token {
     /// Returns the instant the next token should be requested.
     pub fn refresh_at(&self) -> Instant {
         self.refresh_at
+    }
+
+    /// Returns the instant the token expires (the earlier of `exp` and `expiresInSeconds`).
+    pub fn expires_at(&self) -> Instant {
+        self.expires_at
     }
 
     /// Returns the lifetime the token is planned with.

@@ -1,6 +1,7 @@
 //! The bodies the proxy passes on: streamed as received, streamed with a bound on the gaps
 //! between the client's bytes, or a small body held in memory.
 
+use super::record::Record;
 use super::upstream::UpstreamBody;
 use crate::BoxError;
 use bytes::Bytes;
@@ -67,6 +68,44 @@ impl Body for ProxyBody {
             ProxyBody::Timed(body) => body.inner.size_hint(),
             ProxyBody::Full(body) => body.size_hint(),
         }
+    }
+}
+
+/// An answer's body with the record of its request, which ends when the body is dropped:
+/// sent to its end, or given up with its connection.
+#[derive(Debug)]
+pub struct Metered {
+    body: ProxyBody,
+    _record: Record,
+}
+
+impl Metered {
+    /// Joins an answer's body and its request's record.
+    pub fn new(body: ProxyBody, record: Record) -> Metered {
+        Metered {
+            body,
+            _record: record,
+        }
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -4,6 +4,7 @@ use super::access::Denied;
 use super::body::ProxyBody;
 use super::path::PathError;
 use crate::identity::TokenUnavailable;
+use crate::metrics::UpstreamError;
 use crate::BoxError;
 use http::{header, HeaderValue, Response, StatusCode};
 use std::time::Duration;
@@ -136,6 +137,21 @@ impl ProxyError {
         }
     }
 
+    /// Tells what kind of upstream failure this is, for the metrics; `None` for the others.
+    pub fn upstream_error(&self) -> Option<UpstreamError> {
+        match self {
+            ProxyError::UpstreamConnect(e) | ProxyError::Upstream(e) if is_tls(e) => {
+                Some(UpstreamError::Tls)
+            }
+            ProxyError::UpstreamConnect(_) => Some(UpstreamError::Connect),
+            ProxyError::UpstreamTimeout(_) => Some(UpstreamError::Timeout),
+            ProxyError::Upstream(_)
+            | ProxyError::UpstreamBody(_)
+            | ProxyError::UpstreamSwitched => Some(UpstreamError::Broken),
+            _ => None,
+        }
+    }
+
     /// Builds the short JSON answer; it names the failure and never internals.
     pub fn to_response(&self) -> Response<ProxyBody> {
         let (status, code, _) = self.classify();
@@ -162,4 +178,24 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// Tells whether a TLS failure lies anywhere in the error's chain.
+fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
 }

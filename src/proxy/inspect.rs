@@ -15,15 +15,19 @@ pub const INSPECT_LIMIT: u64 = 16 * 1024;
 pub enum Inspected {
     /// Not a rejection: pass it on.
     Pass(Response<ProxyBody>),
-    /// The upstream refused the token; the answer is kept untouched.
-    Rejected(Response<ProxyBody>),
+    /// The upstream refused the token, with this code (`HTTP_401` for a plain 401); the
+    /// answer is kept untouched.
+    Rejected(Response<ProxyBody>, String),
 }
 
 /// Judges an answer. Only a small, uncompressed JSON answer with status 200 is read (and then
 /// passed on from memory); every other answer streams through untouched.
 pub async fn inspect(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
     if response.status() == StatusCode::UNAUTHORIZED {
-        return Ok(Inspected::Rejected(response.map(ProxyBody::Upstream)));
+        return Ok(Inspected::Rejected(
+            response.map(ProxyBody::Upstream),
+            "HTTP_401".to_owned(),
+        ));
     }
     if !may_be_rejection(&response) {
         return Ok(Inspected::Pass(response.map(ProxyBody::Upstream)));
@@ -34,12 +38,11 @@ pub async fn inspect(response: Response<UpstreamBody>) -> Result<Inspected, Prox
         .await
         .map_err(ProxyError::UpstreamBody)?
         .to_bytes();
-    let rejected = mosaic::token_rejection(&bytes).is_some();
+    let rejection = mosaic::token_rejection(&bytes);
     let response = Response::from_parts(parts, ProxyBody::full(bytes));
-    Ok(if rejected {
-        Inspected::Rejected(response)
-    } else {
-        Inspected::Pass(response)
+    Ok(match rejection {
+        Some(code) => Inspected::Rejected(response, code.as_str().to_owned()),
+        None => Inspected::Pass(response),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod headers;
 pub mod inspect;
 pub mod path;
+pub mod record;
 pub mod route;
 pub mod service;
 pub mod upgrade;

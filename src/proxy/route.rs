@@ -5,6 +5,7 @@ use super::forward::UpstreamClients;
 use super::upstream::Budget;
 use crate::config::{RouteConfig, Upstream};
 use crate::identity::Account;
+use crate::metrics::{Metrics, RouteMetrics};
 use http::uri::{InvalidUri, PathAndQuery};
 use std::sync::Arc;
 
@@ -30,8 +31,10 @@ pub struct Route {
     /// The clients that reach the upstream (its own where the route sets `tls`).
     pub clients: Arc<UpstreamClients>,
     pub account: Arc<Account>,
-    /// `host/prefix`, for logs.
+    /// `host/prefix`, for logs and the metrics' `route` label.
     pub name: String,
+    /// The route's series.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 impl Route {
@@ -42,12 +45,9 @@ impl Route {
         account: Arc<Account>,
         budget: Arc<Budget>,
         clients: Arc<UpstreamClients>,
+        metrics: &Metrics,
     ) -> Route {
-        let name = format!(
-            "{}{}",
-            config.host.as_deref().unwrap_or("*"),
-            config.path_prefix
-        );
+        let name = route_name(config);
         Route {
             host: config.host.clone(),
             prefix: config.path_prefix.clone(),
@@ -61,6 +61,7 @@ impl Route {
             h2c: config.h2c,
             clients,
             account,
+            metrics: metrics.route(&name),
             name,
         }
     }
@@ -138,6 +139,16 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
 }
 
+/// Names a route `host/prefix` (`*` for any host), with its listener's name in front when it
+/// is served on a further listener: `partner:*/media`.
+pub fn route_name(config: &RouteConfig) -> String {
+    let host = config.host.as_deref().unwrap_or("*");
+    match &config.listener_name {
+        Some(listener) => format!("{listener}:{host}{}", config.path_prefix),
+        None => format!("{host}{}", config.path_prefix),
+    }
+}
+
 /// Returns `host` without a trailing `:port` (IPv6 literals keep their brackets).
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
@@ -209,11 +220,20 @@ mod tests {
             Default::default(),
             Default::default(),
         ));
+        let metrics = crate::metrics::Metrics::new(Arc::default());
         RouteTable::new(
             config
                 .routes
                 .iter()
-                .map(|r| Route::new(r, account.clone(), budgets.clone(), clients.clone()))
+                .map(|r| {
+                    Route::new(
+                        r,
+                        account.clone(),
+                        budgets.clone(),
+                        clients.clone(),
+                        &metrics,
+                    )
+                })
                 .collect(),
         )
     }

@@ -1,16 +1,20 @@
 //! The hyper service of the proxy: one struct, the request phases as plain functions.
 
-use super::body::{body_timeout_in, ProxyBody, TimedBody};
+use super::body::{body_timeout_in, Metered, ProxyBody, TimedBody};
 use super::error::{Fault, ProxyError};
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
 use super::inspect::{inspect, Inspected};
 use super::path::{self, PathError};
+use super::record::Record;
 use super::route::{Route, RouteTable};
 use super::upgrade::{self, TunnelParts};
 use super::upstream::{Exchange, UpstreamBody};
 use crate::config::ServerConfig;
+use crate::identity::stats::ReplayOutcome;
 use crate::identity::Rejection;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::server::conn::ClientConn;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -19,6 +23,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::upgrade::OnUpgrade;
 use ipnet::IpNet;
+use prometheus_client::metrics::gauge::Gauge;
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,6 +45,10 @@ pub struct Proxy {
     max_uri_bytes: usize,
     trusted_proxies: Vec<IpNet>,
     tunnel_idle_timeout: Duration,
+    /// The series of requests no route took.
+    unrouted: Arc<RouteMetrics>,
+    /// One `info` line per request (`server.access_log`).
+    access_log: bool,
 }
 
 /// The route a request goes to, and what judging it gave.
@@ -63,7 +72,7 @@ struct Replay<'a> {
 
 impl Proxy {
     /// Creates the proxy from its routes, its upstream client and the `[server]` limits.
-    pub fn new(routes: RouteTable, server: &ServerConfig) -> Proxy {
+    pub fn new(routes: RouteTable, server: &ServerConfig, metrics: &Metrics) -> Proxy {
         let replay_memory = usize::try_from(server.replay_memory)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
@@ -77,6 +86,8 @@ impl Proxy {
             max_uri_bytes: server.max_uri_bytes,
             trusted_proxies: server.trusted_proxies.clone(),
             tunnel_idle_timeout: server.tunnel_idle_timeout,
+            unrouted: metrics.route(UNROUTED),
+            access_log: server.access_log,
         }
     }
 
@@ -95,10 +106,20 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client: &ProxyService,
+        record: &mut Record,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = request.method().clone();
-        match self.handle_inner(request, client).await {
+        if self.access_log {
+            record.log(&method, request.uri().path());
+        }
+        let result = self.handle_inner(request, client, record).await;
+        let status = match &result {
+            Ok((response, _)) => response.status(),
+            Err(error) => error.classify().0,
+        };
+        record.answered(status);
+        match result {
             Ok((response, route)) => {
                 tracing::debug!(
                     http.method = %method, route = %route.name, upstream = %route.upstream,
@@ -108,6 +129,9 @@ impl Proxy {
                 response
             }
             Err(error) => {
+                if let Some(kind) = error.upstream_error() {
+                    record.route().upstream_failed(kind);
+                }
                 let (status, code, fault) = error.classify();
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
                 let chain = crate::error_chain(&error);
@@ -135,6 +159,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client: &ProxyService,
+        record: &mut Record,
     ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
         // Request filter and pick upstream.
         let Picked {
@@ -142,6 +167,7 @@ impl Proxy {
             judged_path,
             forwarded_host,
         } = self.filter_and_pick(&request, client)?;
+        record.set_route(&route.metrics);
 
         // Token: the ready-made header, or a short wait while one is being fetched.
         let sent = match route.account.usable_header() {
@@ -179,6 +205,9 @@ impl Proxy {
             .keep_or_stream(route, &parts, body, client_upgrade.is_none())
             .await?;
         parts.headers.insert(header::AUTHORIZATION, sent.clone());
+        if self.access_log {
+            record.log_forward(&route.upstream, &sent);
+        }
 
         // Forward.
         let response = self
@@ -201,9 +230,13 @@ impl Proxy {
         // Response filter.
         let mut response = match inspect(response).await? {
             Inspected::Pass(response) => response,
-            Inspected::Rejected(original) => {
-                self.after_rejection(route, sent, original, replay, client)
-                    .await?
+            Inspected::Rejected(original, code) => {
+                route.account.stats().rejection(&code);
+                let (response, outcome) = self
+                    .after_rejection(route, sent, original, replay, client)
+                    .await?;
+                route.account.stats().replay(outcome);
+                response
             }
         };
         // The proxy alone decides how its client connection carries on.
@@ -366,12 +399,16 @@ impl Proxy {
         } else {
             &route.clients.negotiated
         };
+        let sending = Instant::now();
         let mut exchange = Exchange::new(upstream.request(request), slot, client.0.conn.clone());
         let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
         let Ok(answered) = answered else {
             exchange.give_up();
             return Err(ProxyError::UpstreamTimeout(self.upstream_timeout));
         };
+        if answered.is_ok() {
+            route.metrics.upstream_answered(sending.elapsed());
+        }
         answered.map_err(|e| {
             if let Some(gap) = body_timeout_in(&e) {
                 ProxyError::BodyTimeout(gap)
@@ -392,17 +429,17 @@ impl Proxy {
         original: Response<ProxyBody>,
         replay: Option<Replay<'_>>,
         client: &ProxyService,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<(Response<ProxyBody>, ReplayOutcome), ProxyError> {
         let account = &route.account;
         if account.reject(&sent) == Rejection::Held {
-            return Ok(original);
+            return Ok((original, ReplayOutcome::Held));
         }
         let Some(replay) = replay else {
-            return Ok(original);
+            return Ok((original, ReplayOutcome::NotKept));
         };
         let fresh = match account.header_or_wait(self.token_wait).await {
             Ok(fresh) if fresh != sent => fresh,
-            _ => return Ok(original),
+            _ => return Ok((original, ReplayOutcome::NoToken)),
         };
         if let ProxyBody::Upstream(body) = original.into_body() {
             body.discard();
@@ -416,15 +453,19 @@ impl Proxy {
             .insert(header::AUTHORIZATION, fresh.clone());
         tracing::debug!(route = %route.name, "replaying a refused request with a fresh token");
         match inspect(self.forward(route, request, client).await?).await? {
-            Inspected::Pass(response) => Ok(response),
-            Inspected::Rejected(response) => {
+            Inspected::Pass(response) => Ok((response, ReplayOutcome::Ok)),
+            Inspected::Rejected(response, code) => {
                 // Never a second replay; the breaker counts a fresh token refused.
+                account.stats().rejection(&code);
                 account.reject(&fresh);
-                Ok(response)
+                Ok((response, ReplayOutcome::Rejected))
             }
         }
     }
 }
+
+/// The route label of requests no route took.
+pub const UNROUTED: &str = "(none)";
 
 /// Returns the request's `Host` header, refusing what RFC 9112 §3.2 says a server must:
 /// an HTTP/1.1 request without one, more than one, or one that is not a valid host.
@@ -476,33 +517,52 @@ pub struct ProxyService(Arc<ConnView>);
 /// What every request of a connection shares, made once per connection so that a request
 /// clones one `Arc`.
 struct ConnView {
-    proxy: Arc<Proxy>,
+    /// The listener's proxy of the configuration in use; each request takes the one in use
+    /// when it begins and finishes on it, whatever a reload swaps in meanwhile.
+    proxy: Arc<ArcSwap<Proxy>>,
     conn: Arc<ClientConn>,
     address: ClientAddress,
+    /// Open client connections, this one counted until its last request is done.
+    connections: Gauge,
+}
+
+impl Drop for ConnView {
+    fn drop(&mut self) {
+        self.connections.dec();
+    }
 }
 
 impl ProxyService {
-    /// Creates the service for the client connection `conn`.
-    pub fn new(proxy: Arc<Proxy>, conn: Arc<ClientConn>) -> ProxyService {
-        let address = ClientAddress::new(conn.peer().ip(), &proxy.trusted_proxies);
+    /// Creates the service for the client connection `conn`, counted in `connections`.
+    pub fn new(
+        proxy: Arc<ArcSwap<Proxy>>,
+        conn: Arc<ClientConn>,
+        connections: &Gauge,
+    ) -> ProxyService {
+        let address = ClientAddress::new(conn.peer().ip(), &proxy.load().trusted_proxies);
+        connections.inc();
         ProxyService(Arc::new(ConnView {
             proxy,
             conn,
             address,
+            connections: connections.clone(),
         }))
     }
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
-    type Response = Response<ProxyBody>;
+    type Response = Response<Metered>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let service = self.clone();
         Box::pin(async move {
-            let handling = async { service.0.proxy.handle(request, &service).await };
-            Ok(answer_or_500(handling).await)
+            let proxy = service.0.proxy.load_full();
+            let mut record = Record::begin(&proxy.unrouted, Instant::now());
+            let handling = async { proxy.handle(request, &service, &mut record).await };
+            let response = answer_or_500(handling).await;
+            Ok(response.map(|body| Metered::new(body, record)))
         })
     }
 }

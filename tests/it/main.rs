@@ -10,6 +10,7 @@ mod hostile;
 mod lifecycle;
 mod listener_tls;
 mod logs;
+mod operations;
 mod parser;
 mod rejections;
 mod soak;

@@ -121,8 +121,10 @@ impl Drop for Stubs {
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
-    pub accounts: Arc<[Arc<Account>]>,
+    pub accounts: Arc<Vec<Arc<Account>>>,
     pub proxy: Arc<mosaic_auth_proxy::proxy::Proxy>,
+    /// The configuration in use, and its reload.
+    pub live: Arc<mosaic_auth_proxy::app::Live>,
     /// The further listeners' names and addresses.
     pub listeners: Vec<(String, String)>,
     trigger: ShutdownTrigger,
@@ -131,13 +133,31 @@ pub struct TestProxy {
 impl TestProxy {
     pub async fn start(config_text: &str) -> TestProxy {
         let config = Config::parse(config_text, &env).expect("the test configuration is valid");
-        let app = App::bind(config).await.expect("the proxy binds");
+        TestProxy::run(App::bind(config).await.expect("the proxy binds"))
+    }
+
+    /// Starts a proxy from a file, which a reload reads again.
+    pub async fn start_file(path: &std::path::Path) -> TestProxy {
+        let source = mosaic_auth_proxy::app::Source {
+            path: path.to_owned(),
+            listen: None,
+            admin_listen: None,
+        };
+        let config = source.load().expect("the test configuration is valid");
+        let app = App::bind_reloadable(config, Some(source))
+            .await
+            .expect("the proxy binds");
+        TestProxy::run(app)
+    }
+
+    fn run(app: App) -> TestProxy {
         let (trigger, signal) = shutdown::channel();
         let proxy = TestProxy {
             addr: app.local_addr(),
             admin: app.admin_addr().expect("tests configure an admin listener"),
             accounts: app.accounts(),
             proxy: app.proxy(),
+            live: app.live(),
             listeners: app.listener_addrs(),
             trigger,
         };

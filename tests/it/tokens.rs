@@ -70,7 +70,9 @@ async fn readiness_waits_for_the_first_token() {
     assert_eq!(get(&format!("{admin}/health")).await.status, StatusCode::OK);
     let not_ready = get(&format!("{admin}/ready")).await;
     assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(not_ready.json()["waiting"][0]["account"], "main");
+    assert_eq!(not_ready.json()["status"], "not_ready");
+    assert_eq!(not_ready.json()["accounts"][0]["account"], "main");
+    assert_ne!(not_ready.json()["accounts"][0]["state"], "ready");
     stubs.identity.set_fault(None);
     let ready = eventually(Duration::from_secs(5), async || {
         get(&format!("{admin}/ready")).await.status == StatusCode::OK

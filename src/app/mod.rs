@@ -1,16 +1,20 @@
-//! Bind, then run: the proxy's listeners, accounts and background tasks as one value.
+//! Bind, then run: the proxy's listeners, the configuration in use and the background
+//! tasks as one value. [`generation`] makes a configuration into what requests use; [`live`]
+//! holds the one in use and swaps it on reload.
 
-use crate::config::{Config, ConnectionLimits, ListenAddress, SecretSource};
-use crate::identity::refresher::{keep_fresh, watch_secret_file, Policies};
-use crate::identity::{Account, IdentityClient};
-use crate::proxy::forward::upstream_clients;
-use crate::proxy::upstream::Budgets;
-use crate::proxy::{Proxy, ProxyService, Route, RouteTable};
+pub mod generation;
+pub mod live;
+
+pub use live::{Live, ReloadError, ReloadReport, Source};
+
+use crate::config::{Config, ConnectionLimits, ListenAddress};
+use crate::identity::Account;
+use crate::proxy::{Proxy, ProxyService};
 use crate::server::transport::Listener;
 use crate::server::{derived_max_connections, serve, TlsConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
-use crate::tls::{client_config, client_config_for, TlsError};
+use crate::tls::TlsError;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,11 +62,7 @@ pub struct App {
     admin: Option<TcpListener>,
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    proxy: Arc<Proxy>,
-    accounts: Arc<[Arc<Account>]>,
-    identity: IdentityClient,
-    policies: Policies,
-    secret_poll: Duration,
+    live: Arc<Live>,
     shutdown_grace: Duration,
     limits: ConnectionLimits,
     tls: Option<ServingTls>,
@@ -74,7 +74,6 @@ struct ExtraListener {
     name: String,
     listener: Listener,
     address: ListenAddress,
-    proxy: Arc<Proxy>,
     tls: Option<ServingTls>,
 }
 
@@ -92,88 +91,24 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 32;
 impl App {
     /// Binds the listeners (port 0 picks a free port) and builds the proxy from `config`.
     pub async fn bind(config: Config) -> Result<App, StartError> {
-        let global_ca = config.tls.ca_file.as_deref();
-        let tls = client_config(config.tls.native_roots, global_ca)?;
-        let identity_tls =
-            client_config_for(config.tls.native_roots, global_ca, &config.identity.tls)?;
-        let identity_addrs = match &config.identity.tls.server_name {
-            Some(_) => identity_addresses(&config.identity.origin).await?,
-            None => Vec::new(),
-        };
-        let identity = IdentityClient::new(
-            &config.identity.origin,
-            config.identity.timeout,
-            config.identity.max_reply_bytes,
-            identity_tls,
-            config
-                .identity
-                .tls
-                .server_name
-                .as_deref()
-                .map(|name| (name, identity_addrs.as_slice())),
-        )
-        .map_err(StartError::IdentityClient)?;
-        let accounts: Arc<[Arc<Account>]> = config
-            .accounts
-            .iter()
-            .map(|a| {
-                Arc::new(Account::new(
-                    &a.name,
-                    &a.client_id,
-                    a.secret.clone(),
-                    a.secret_source.clone(),
-                    config.identity.retry.clone(),
-                    config.identity.breaker.clone(),
-                ))
-            })
-            .collect();
-        let origin = |r: &crate::config::RouteConfig| {
-            format!("{}://{}", r.upstream.scheme, r.upstream.authority)
-        };
-        let budgets = Budgets::new(config.routes.iter().map(|r| {
-            let max = r
-                .max_connections
-                .unwrap_or(config.server.upstream_max_connections);
-            (origin(r), max)
-        }));
-        let budgets = Arc::new(budgets);
-        let shared = Arc::new(upstream_clients(
-            tls,
-            None,
-            config.server.connect_timeout,
-            budgets.clone(),
-        ));
-        // The main listener's routes first, then each further listener's.
-        let mut routes: Vec<Vec<Route>> =
-            (0..=config.listeners.len()).map(|_| Vec::new()).collect();
-        for r in &config.routes {
-            let budget = budgets
-                .get(&origin(r))
-                .expect("every route's upstream has a budget");
-            let clients = match &r.tls {
-                None => shared.clone(),
-                Some(own) => Arc::new(upstream_clients(
-                    client_config_for(config.tls.native_roots, global_ca, own)?,
-                    own.server_name.as_deref(),
-                    config.server.connect_timeout,
-                    budgets.clone(),
-                )),
-            };
-            let slot = r.listener.map_or(0, |l| l + 1);
-            routes[slot].push(Route::new(r, accounts[r.account].clone(), budget, clients));
-        }
-        let mut routes = routes.into_iter();
-        let main_routes = routes.next().unwrap_or_default();
-        let proxy = Arc::new(Proxy::new(RouteTable::new(main_routes), &config.server));
+        App::bind_reloadable(config, None).await
+    }
+
+    /// Like [`App::bind`], with the file `config` came from, which a reload (SIGHUP,
+    /// `POST /reload`) reads again.
+    pub async fn bind_reloadable(
+        config: Config,
+        source: Option<Source>,
+    ) -> Result<App, StartError> {
+        let names = config.listeners.iter().map(|l| l.name.clone()).collect();
         let every = config.server.tls_reload;
         let tls = serving_tls(config.server.tls.as_ref(), every)?;
         let mut extra = Vec::new();
-        for (listener, routes) in config.listeners.iter().zip(routes) {
+        for listener in &config.listeners {
             extra.push(ExtraListener {
                 name: listener.name.clone(),
                 listener: bind_listener(&listener.address).await?,
                 address: listener.address.clone(),
-                proxy: Arc::new(Proxy::new(RouteTable::new(routes), &config.server)),
                 tls: serving_tls(listener.tls.as_ref(), every)?,
             });
         }
@@ -193,20 +128,15 @@ impl App {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let shutdown_grace = config.server.shutdown_grace;
+        let live = Arc::new(Live::new(config, names, source).await?);
         Ok(App {
             listener,
             admin,
             local_addr,
             admin_addr,
-            proxy,
-            accounts,
-            identity,
-            policies: Policies {
-                refresh: config.identity.refresh.clone(),
-                sample: rand::random::<f64>,
-            },
-            secret_poll: config.identity.secret_poll,
-            shutdown_grace: config.server.shutdown_grace,
+            live,
+            shutdown_grace,
             limits,
             tls,
             extra,
@@ -240,14 +170,19 @@ impl App {
         self.admin_addr
     }
 
-    /// Returns the forwarding state shared by every connection.
+    /// Returns the main listener's proxy of the configuration in use.
     pub fn proxy(&self) -> Arc<Proxy> {
-        self.proxy.clone()
+        self.live.slot(0).load_full()
     }
 
-    /// Returns the accounts, whose readiness can be watched.
-    pub fn accounts(&self) -> Arc<[Arc<Account>]> {
-        self.accounts.clone()
+    /// Returns the accounts in use, whose readiness can be watched.
+    pub fn accounts(&self) -> Arc<Vec<Arc<Account>>> {
+        self.live.accounts()
+    }
+
+    /// Returns the configuration in use and its reload.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
     }
 
     /// Starts the token refreshers and serves until `shutdown`, then drains for the grace period.
@@ -266,21 +201,8 @@ impl App {
         on_ready: impl FnOnce(),
     ) -> Result<(), RunError> {
         let mut tasks = tokio::task::JoinSet::new();
-        for account in self.accounts.iter() {
-            tasks.spawn(keep_fresh(
-                account.clone(),
-                self.identity.clone(),
-                self.policies.clone(),
-                shutdown.clone(),
-            ));
-            if matches!(account.secret_source(), SecretSource::File(_)) {
-                tasks.spawn(watch_secret_file(
-                    account.clone(),
-                    self.secret_poll,
-                    shutdown.clone(),
-                ));
-            }
-        }
+        self.live.start_refreshers(shutdown.clone());
+        let live = self.live.clone();
         let serving = self
             .tls
             .iter()
@@ -293,15 +215,16 @@ impl App {
                 shutdown.clone(),
             ));
         }
-        for extra in self.extra {
-            let (proxy, limits) = (extra.proxy, self.limits.clone());
+        for (index, extra) in self.extra.into_iter().enumerate() {
+            let (proxy, limits) = (live.slot(index + 1), self.limits.clone());
+            let connections = live.metrics().client_connections().clone();
             let (shutdown, grace) = (shutdown.clone(), self.shutdown_grace);
             let tls = extra.tls.map(|t| t.config);
-            tracing::info!(listener = %extra.name, address = ?extra.address, routes = proxy.routes().routes().len(), "listening");
+            tracing::info!(listener = %extra.name, address = ?extra.address, routes = proxy.load().routes().routes().len(), "listening");
             tasks.spawn(async move {
                 serve(
                     extra.listener,
-                    move |conn| ProxyService::new(proxy.clone(), conn.clone()),
+                    move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
                     limits,
                     tls,
                     shutdown,
@@ -314,7 +237,7 @@ impl App {
             });
         }
         if let Some(admin) = self.admin {
-            let accounts = self.accounts.clone();
+            let live = live.clone();
             let limits = ConnectionLimits {
                 max_connections: Some(ADMIN_MAX_CONNECTIONS),
                 ..self.limits.clone()
@@ -323,7 +246,7 @@ impl App {
             tasks.spawn(async move {
                 serve(
                     admin,
-                    move |_| crate::admin::AdminService::new(accounts.clone()),
+                    move |_| crate::admin::AdminService::new(live.clone()),
                     limits,
                     None,
                     shutdown,
@@ -334,7 +257,7 @@ impl App {
         }
         if let Some(limit) = wait_ready {
             let deadline = tokio::time::Instant::now() + limit;
-            for account in self.accounts.iter() {
+            for account in live.accounts().iter() {
                 let mut stop = shutdown.clone();
                 let ready = tokio::select! {
                     ready = account.wait_ready(deadline) => ready,
@@ -360,18 +283,19 @@ impl App {
             tracing::info!("every account holds a token");
             on_ready();
         }
-        let proxy = self.proxy.clone();
+        let proxy = live.slot(0);
+        let connections = live.metrics().client_connections().clone();
         tracing::info!(
             listen = %self.local_addr,
             admin = ?self.admin_addr,
-            routes = proxy.routes().routes().len(),
-            accounts = self.accounts.len(),
+            routes = proxy.load().routes().routes().len(),
+            accounts = live.accounts().len(),
             max_connections = self.limits.max_connections,
             "proxy listening"
         );
         let deadline = serve(
             self.listener,
-            move |conn| ProxyService::new(proxy.clone(), conn.clone()),
+            move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
             self.limits.clone(),
             self.tls.as_ref().map(|tls| tls.config.clone()),
             shutdown,
@@ -432,26 +356,6 @@ async fn reload_tls(
     }
 }
 
-/// Resolves the identity service's origin host once, for a server-name override.
-async fn identity_addresses(origin: &str) -> Result<Vec<SocketAddr>, StartError> {
-    let failed = |problem: String| StartError::IdentityAddress {
-        origin: origin.to_owned(),
-        problem,
-    };
-    let url = reqwest::Url::parse(origin).map_err(|e| failed(e.to_string()))?;
-    let host = url.host_str().ok_or_else(|| failed("no host".into()))?;
-    let port = url.port_or_known_default().unwrap_or(443);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| failed(e.to_string()))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(failed("resolves to no address".into()));
-    }
-    Ok(addrs)
-}
-
 /// Builds a listener's TLS from its files, if it has any.
 fn serving_tls(
     files: Option<&ListenerTls>,
@@ -496,24 +400,15 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Reads every account's secret again on each SIGHUP (files at once; an environment variable
-/// can only change with a restart, so it is read but cannot differ).
-pub async fn reload_secrets_on_hangup(accounts: Arc<[Arc<Account>]>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reading the client secrets again");
-            for account in accounts.iter() {
-                if let Err(error) = account.reload_secret() {
-                    tracing::warn!(account = account.name(), %error, "cannot read the secret again; keeping the one in use");
-                }
-            }
-        }
+/// Reloads the configuration on each SIGHUP (without a file: reads the secrets again).
+pub async fn reload_on_hangup(live: Arc<Live>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        // The outcome is logged by the reload itself.
+        let _ = live.reload().await;
     }
-    #[cfg(not(unix))]
-    let _ = accounts;
 }

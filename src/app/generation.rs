@@ -1,0 +1,185 @@
+//! One configuration made into what requests use: the identity client, the accounts and each
+//! listener's proxy. A reload builds the next generation from the one in use, keeping every
+//! account whose identity settings did not change (with its token and its refresher).
+
+use super::StartError;
+use crate::config::{Config, RouteConfig};
+use crate::identity::refresher::Policies;
+use crate::identity::{Account, IdentityClient};
+use crate::metrics::Metrics;
+use crate::proxy::forward::upstream_clients;
+use crate::proxy::upstream::Budgets;
+use crate::proxy::{Proxy, Route, RouteTable};
+use crate::tls::{client_config, client_config_for};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What one configuration serves with.
+pub struct Generation {
+    pub config: Config,
+    pub identity: IdentityClient,
+    pub policies: Policies,
+    /// In the configuration's order.
+    pub accounts: Vec<Arc<Account>>,
+    /// The main listener's proxy, then one per running further listener, in that order.
+    pub proxies: Vec<Arc<Proxy>>,
+    /// What this configuration asks for that the running listeners cannot give.
+    pub warnings: Vec<String>,
+}
+
+impl Generation {
+    /// Builds a generation for the further listeners `listeners` (by name, in the order they
+    /// run), reusing the identity client and the accounts of `previous` where unchanged.
+    pub async fn build(
+        config: Config,
+        listeners: &[String],
+        previous: Option<&Generation>,
+        metrics: &Metrics,
+    ) -> Result<Generation, StartError> {
+        let global_ca = config.tls.ca_file.as_deref();
+        let same_identity =
+            previous.filter(|p| p.config.identity == config.identity && p.config.tls == config.tls);
+        let (identity, policies) = match same_identity {
+            Some(p) => (p.identity.clone(), p.policies.clone()),
+            None => (
+                identity_client(&config).await?,
+                Policies {
+                    refresh: config.identity.refresh.clone(),
+                    sample: rand::random::<f64>,
+                },
+            ),
+        };
+        let accounts: Vec<Arc<Account>> = config
+            .accounts
+            .iter()
+            .map(|a| {
+                let kept = same_identity.and_then(|p| {
+                    p.accounts.iter().find(|old| {
+                        old.name() == a.name
+                            && old.client_id() == a.client_id
+                            && *old.secret_source() == a.secret_source
+                    })
+                });
+                match kept {
+                    Some(old) => old.clone(),
+                    None => Arc::new(Account::new(
+                        &a.name,
+                        &a.client_id,
+                        a.secret.clone(),
+                        a.secret_source.clone(),
+                        config.identity.retry.clone(),
+                        config.identity.breaker.clone(),
+                    )),
+                }
+            })
+            .collect();
+        let budgets = Arc::new(Budgets::new(config.routes.iter().map(|r| {
+            let max = r
+                .max_connections
+                .unwrap_or(config.server.upstream_max_connections);
+            (origin(r), max)
+        })));
+        let shared = Arc::new(upstream_clients(
+            client_config(config.tls.native_roots, global_ca)?,
+            None,
+            config.server.connect_timeout,
+            budgets.clone(),
+        ));
+        let mut warnings = Vec::new();
+        let mut routes: Vec<Vec<Route>> = (0..=listeners.len()).map(|_| Vec::new()).collect();
+        for (i, r) in config.routes.iter().enumerate() {
+            let slot = match &r.listener_name {
+                None => 0,
+                Some(name) => match listeners.iter().position(|l| l == name) {
+                    Some(l) => l + 1,
+                    None => {
+                        warnings.push(format!(
+                            "routes[{i}] is for listener {name:?}, which is not running; it is served after a restart"
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let budget = budgets
+                .get(&origin(r))
+                .expect("every route's upstream has a budget");
+            let clients = match &r.tls {
+                None => shared.clone(),
+                Some(own) => Arc::new(upstream_clients(
+                    client_config_for(config.tls.native_roots, global_ca, own)?,
+                    own.server_name.as_deref(),
+                    config.server.connect_timeout,
+                    budgets.clone(),
+                )),
+            };
+            let account = accounts[r.account].clone();
+            routes[slot].push(Route::new(r, account, budget, clients, metrics));
+        }
+        let proxies = routes
+            .into_iter()
+            .map(|routes| Arc::new(Proxy::new(RouteTable::new(routes), &config.server, metrics)))
+            .collect();
+        Ok(Generation {
+            config,
+            identity,
+            policies,
+            accounts,
+            proxies,
+            warnings,
+        })
+    }
+
+    /// Hands each kept account the secret this configuration gives it (a changed secret is
+    /// used for the next token request, at once; the token in use stays until then).
+    pub fn settle_secrets(&self) {
+        for (account, config) in self.accounts.iter().zip(&self.config.accounts) {
+            account.replace_secret(config.secret.clone());
+        }
+    }
+}
+
+fn origin(route: &RouteConfig) -> String {
+    format!("{}://{}", route.upstream.scheme, route.upstream.authority)
+}
+
+async fn identity_client(config: &Config) -> Result<IdentityClient, StartError> {
+    let global_ca = config.tls.ca_file.as_deref();
+    let identity_tls = client_config_for(config.tls.native_roots, global_ca, &config.identity.tls)?;
+    let identity_addrs = match &config.identity.tls.server_name {
+        Some(_) => identity_addresses(&config.identity.origin).await?,
+        None => Vec::new(),
+    };
+    IdentityClient::new(
+        &config.identity.origin,
+        config.identity.timeout,
+        config.identity.max_reply_bytes,
+        identity_tls,
+        config
+            .identity
+            .tls
+            .server_name
+            .as_deref()
+            .map(|name| (name, identity_addrs.as_slice())),
+    )
+    .map_err(StartError::IdentityClient)
+}
+
+/// Resolves the identity service's origin host once, for a server-name override.
+async fn identity_addresses(origin: &str) -> Result<Vec<SocketAddr>, StartError> {
+    let failed = |problem: String| StartError::IdentityAddress {
+        origin: origin.to_owned(),
+        problem,
+    };
+    let url = reqwest::Url::parse(origin).map_err(|e| failed(e.to_string()))?;
+    let host = url.host_str().ok_or_else(|| failed("no host".into()))?;
+    let port = url.port_or_known_default().unwrap_or(443);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(failed("resolves to no address".into()));
+    }
+    Ok(addrs)
+}
