@@ -46,7 +46,7 @@ pub async fn run(
         lifetime: options.token_lifetime,
         ..StubSettings::default()
     };
-    let secret = settings.accounts[0].client_secret.clone();
+    let secret = crate::stub::identity::DEFAULT_SECRET.to_owned();
     let identity = IdentityStub::bind(loopback, settings, SigningKey::bundled())
         .await
         .map_err(DemoError::Stub)?;

@@ -23,8 +23,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Exit status for a bad configuration or bad arguments (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
-/// Exit status when the proxy cannot start (BSD `EX_UNAVAILABLE`).
+/// Exit status when the proxy cannot start, or a token request failed for now (BSD
+/// `EX_UNAVAILABLE`).
 const EXIT_START: u8 = 69;
+/// Exit status when the identity service refused the account (BSD `EX_NOPERM`).
+const EXIT_NOPERM: u8 = 77;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +65,24 @@ enum Command {
         #[arg(long, value_name = "SECONDS")]
         wait_ready: Option<u64>,
     },
+    /// Log an account in once and print its access token on standard output (for curl
+    /// experiments); errors go to standard error with the proxy's classification.
+    Token {
+        /// The account's name, as in [accounts.NAME].
+        account: String,
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Print the token's header, claims and expiry as JSON instead of the token.
+        #[arg(long)]
+        decode: bool,
+    },
+    /// GET a URL and exit 0 for a 2xx answer, 1 otherwise: a container HEALTHCHECK that
+    /// needs no shell tools ("probe http://127.0.0.1:9901/livez").
+    Probe {
+        url: String,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Validate a configuration (secrets included) without serving.
     Check {
         #[arg(long, short, default_value = "proxy.toml")]
@@ -79,21 +100,31 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Serve a local stand-in for the Mosaic identity service.
+    /// Serve a local stand-in for the Mosaic identity service (rigs, drills, tests). It keeps
+    /// only a hash of each secret; POST /admin/accounts/CLIENT_ID/secret resets one and
+    /// POST /admin/rotate-key[?retire=true] rotates the signing key. Prints its origin on
+    /// standard output once it listens.
     IdentityStub {
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
         /// Lifetime of issued tokens (down to 1s).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         lifetime: Duration,
-        /// An account as CLIENT_ID:CLIENT_SECRET; repeat for more (default demo-client:demo-secret).
+        /// An account as CLIENT_ID:CLIENT_SECRET[:SERVICE=PERMISSION,...]; repeat for more
+        /// (default demo-client:demo-secret with media-service=ADMIN).
         #[arg(long = "account", value_parser = parse_account)]
-        accounts: Vec<(String, String)>,
+        accounts: Vec<StubAccount>,
+        /// A TOML file of accounts ([[accounts]] with client_id, client_secret or
+        /// client_secret_sha256, name, permissions).
+        #[arg(long)]
+        accounts_file: Option<PathBuf>,
         /// A permission of every account as SERVICE=KEY[,KEY...]; repeatable.
         #[arg(long = "permission", value_parser = parse_permission)]
         permissions: Vec<(String, Vec<String>)>,
+        /// The tenantId claim and the first segment of the JWKS path.
         #[arg(long)]
         tenant_id: Option<String>,
+        /// The environmentId claim and the second segment of the JWKS path.
         #[arg(long)]
         environment_id: Option<String>,
         /// A PKCS#8 PEM RSA key to sign with, instead of the bundled stand-in key.
@@ -111,11 +142,8 @@ enum Command {
     },
 }
 
-fn parse_account(text: &str) -> Result<(String, String), String> {
-    text.split_once(':')
-        .filter(|(id, secret)| !id.is_empty() && !secret.is_empty())
-        .map(|(id, secret)| (id.to_owned(), secret.to_owned()))
-        .ok_or_else(|| "write the account as CLIENT_ID:CLIENT_SECRET".into())
+fn parse_account(text: &str) -> Result<StubAccount, String> {
+    mosaic_auth_proxy::stub::accounts::parse_account(text)
 }
 
 fn parse_permission(text: &str) -> Result<(String, Vec<String>), String> {
@@ -156,6 +184,20 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Check { config } => check(&config),
+        Command::Token {
+            account,
+            config,
+            decode,
+        } => token(&config, &account, decode).await,
+        Command::Probe { url, timeout } => {
+            match mosaic_auth_proxy::commands::probe::run(&url, timeout).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("probe {url}: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run {
             config,
             listen,
@@ -177,7 +219,8 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::IdentityStub {
             listen,
             lifetime,
-            accounts,
+            mut accounts,
+            accounts_file,
             permissions,
             tenant_id,
             environment_id,
@@ -187,11 +230,17 @@ async fn dispatch(command: Command) -> ExitCode {
                 lifetime,
                 ..StubSettings::default()
             };
+            if let Some(path) = accounts_file {
+                match mosaic_auth_proxy::stub::accounts::read_accounts_file(&path) {
+                    Ok(listed) => accounts.extend(listed),
+                    Err(error) => {
+                        eprintln!("error: --accounts-file {}: {error}", path.display());
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                }
+            }
             if !accounts.is_empty() {
-                settings.accounts = accounts
-                    .iter()
-                    .map(|(id, secret)| StubAccount::new(id, secret))
-                    .collect();
+                settings.accounts = accounts;
             }
             if !permissions.is_empty() {
                 let map: BTreeMap<String, Vec<String>> = permissions.into_iter().collect();
@@ -232,6 +281,32 @@ fn check(path: &Path) -> ExitCode {
         config.server.listen
     );
     ExitCode::SUCCESS
+}
+
+async fn token(path: &Path, account: &str, decode: bool) -> ExitCode {
+    use mosaic_auth_proxy::commands::token::{self, Printed, TokenCommandError};
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match token::run(&config, account, decode).await {
+        Ok(Printed::Token(jwt)) => {
+            println!("{jwt}");
+            ExitCode::SUCCESS
+        }
+        Ok(Printed::Decoded(json)) => {
+            println!("{json:#}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            match error {
+                TokenCommandError::NoAccount { .. } => ExitCode::from(EXIT_CONFIG),
+                TokenCommandError::Identity(e) if e.is_permanent() => ExitCode::from(EXIT_NOPERM),
+                _ => ExitCode::from(EXIT_START),
+            }
+        }
+    }
 }
 
 async fn run(
@@ -314,7 +389,8 @@ async fn identity_stub(
         }
     };
     let handle = stub.handle();
-    tracing::info!(origin = handle.origin(), jwks = %handle.jwks_url(), "identity stand-in listening");
+    tracing::info!(origin = handle.origin(), jwks = %handle.jwks_url(), kid = handle.kid(), "identity stand-in listening");
+    println!("{}", handle.origin());
     let (_trigger, signal) = shutdown::channel_on_signal();
     stub.run(signal).await;
     ExitCode::SUCCESS
@@ -329,6 +405,7 @@ async fn upstream_stub(listen: SocketAddr, identity_origin: &str) -> ExitCode {
         }
     };
     tracing::info!(listen = %upstream.local_addr(), identity_origin, "Mosaic stand-in listening");
+    println!("http://{}", upstream.local_addr());
     let (_trigger, signal) = shutdown::channel_on_signal();
     upstream.run(signal).await;
     ExitCode::SUCCESS

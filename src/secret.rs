@@ -36,6 +36,12 @@ pub fn fingerprint(value: &str) -> String {
     sha256_hex(value.as_bytes(), 4)
 }
 
+/// Compares in time that depends on the length only, so a secret cannot be guessed byte
+/// by byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Returns the first `bytes` bytes of the SHA-256 of `data` in lower-case hex.
 pub fn sha256_hex(data: &[u8], bytes: usize) -> String {
     use std::fmt::Write;

@@ -142,7 +142,8 @@ fn origin(route: &RouteConfig) -> String {
     format!("{}://{}", route.upstream.scheme, route.upstream.authority)
 }
 
-async fn identity_client(config: &Config) -> Result<IdentityClient, StartError> {
+/// Builds the identity service client of `config`.
+pub async fn identity_client(config: &Config) -> Result<IdentityClient, StartError> {
     let global_ca = config.tls.ca_file.as_deref();
     let identity_tls = client_config_for(config.tls.native_roots, global_ca, &config.identity.tls)?;
     let identity_addrs = match &config.identity.tls.server_name {

@@ -3,8 +3,11 @@
 //! Every bad key is reported at once, each with its fix. Errors never echo values that may
 //! be secret, and never the file's text.
 
+mod overrides;
 mod parse;
 mod section;
+
+pub use overrides::PREFIX as OVERRIDE_PREFIX;
 
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
@@ -328,12 +331,26 @@ impl Config {
                 fix: "pass an existing file with --config".into(),
             }])
         })?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with(OVERRIDE_PREFIX))
+            .collect();
+        Config::parse_with_overrides(&text, &|name| std::env::var(name).ok(), &vars)
     }
 
     /// Validates configuration text, looking environment variables up with `env`.
     pub fn parse(text: &str, env: EnvLookup<'_>) -> Result<Config, ConfigErrors> {
-        let root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        Config::parse_with_overrides(text, env, &[])
+    }
+
+    /// Like [`Config::parse`], with the overrides among `vars` (`MOSAIC_AUTH_PROXY__...`)
+    /// applied to the text's table before it is validated.
+    pub fn parse_with_overrides(
+        text: &str,
+        env: EnvLookup<'_>,
+        vars: &[(String, String)],
+    ) -> Result<Config, ConfigErrors> {
+        let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             // The parser's own rendering quotes the offending line, which may hold a secret.
             let line = e
                 .span()
@@ -344,7 +361,8 @@ impl Config {
                 fix: "correct the syntax at that line".into(),
             }])
         })?;
-        let mut errors = Vec::new();
+        let (applied, mut errors) = overrides::apply(&mut root, vars);
+        let root = root;
         let mut warnings = Vec::new();
         let mut top = Section::new(
             "",
@@ -436,6 +454,7 @@ impl Config {
                 ));
             }
         }
+        overrides::attribute(&mut errors, &applied);
         if errors.is_empty() {
             Ok(Config {
                 server,

@@ -1,4 +1,5 @@
 //! A walker over one TOML table that records every bad key with its fix instead of stopping.
+//! Numbers and booleans are also read from strings, the form environment overrides give.
 
 use super::ConfigError;
 use std::net::SocketAddr;
@@ -85,13 +86,22 @@ impl<'a> Section<'a> {
 
     /// Reads an optional boolean with a default.
     pub(super) fn bool(&mut self, key: &str, default: bool) -> bool {
-        self.typed(key, "true or false", Value::as_bool)
-            .unwrap_or(default)
+        self.typed(key, "true or false", |v| {
+            v.as_bool().or_else(|| match v.as_str()? {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            })
+        })
+        .unwrap_or(default)
     }
 
     /// Reads an optional whole number with a default, within `range`.
     pub(super) fn integer(&mut self, key: &str, default: u64, range: (u64, u64)) -> u64 {
-        let Some(n) = self.typed(key, "a whole number", Value::as_integer) else {
+        let Some(n) = self.typed(key, "a whole number", |v| {
+            v.as_integer()
+                .or_else(|| v.as_str()?.trim().replace('_', "").parse().ok())
+        }) else {
             return default;
         };
         match u64::try_from(n) {
@@ -124,7 +134,9 @@ impl<'a> Section<'a> {
     /// Reads an optional fraction with a default, within `range`.
     pub(super) fn fraction(&mut self, key: &str, default: f64, range: (f64, f64)) -> f64 {
         let Some(x) = self.typed(key, "a number", |v| {
-            v.as_float().or_else(|| v.as_integer().map(|i| i as f64))
+            v.as_float()
+                .or_else(|| v.as_integer().map(|i| i as f64))
+                .or_else(|| v.as_str()?.trim().parse().ok())
         }) else {
             return default;
         };

@@ -3,6 +3,7 @@
 //! request and reaches no upstream.
 
 use crate::config::AccessRules;
+use crate::secret::constant_time_eq;
 use crate::secret::Secret;
 use crate::tls::ClientCert;
 use http::header::{HeaderMap, HeaderName};
@@ -103,12 +104,6 @@ fn path_matches(pattern: &str, path: &str) -> bool {
             (None, Some(_)) | (Some(_), _) => return false,
         }
     }
-}
-
-/// Compares in time that depends on the length only, so the marker cannot be guessed byte
-/// by byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -17,14 +17,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
+/// The stand-in's account unless told otherwise.
+pub const DEFAULT_CLIENT_ID: &str = "demo-client";
+/// Its secret.
+pub const DEFAULT_SECRET: &str = "demo-secret";
+
 /// The largest token request the stand-in reads.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// One service account the stand-in knows.
+/// One service account the stand-in knows. Like the real service it keeps only a hash of
+/// the secret.
 #[derive(Clone, Debug)]
 pub struct StubAccount {
     pub client_id: String,
-    pub client_secret: String,
+    /// SHA-256 of the client secret.
+    pub secret_sha256: [u8; 32],
     /// The account's display name, the `name` claim.
     pub name: String,
     /// The `permissions` claim: service id → permission keys.
@@ -36,10 +43,15 @@ impl StubAccount {
     pub fn new(client_id: &str, client_secret: &str) -> StubAccount {
         StubAccount {
             client_id: client_id.into(),
-            client_secret: client_secret.into(),
+            secret_sha256: hash(client_secret),
             name: format!("{client_id} (stand-in)"),
             permissions: BTreeMap::from([("media-service".into(), vec!["ADMIN".into()])]),
         }
+    }
+
+    /// Tells whether `secret` is this account's, in constant time.
+    fn has_secret(&self, secret: &str) -> bool {
+        crate::secret::constant_time_eq(&hash(secret), &self.secret_sha256)
     }
 
     fn subject(&self) -> String {
@@ -54,6 +66,11 @@ impl StubAccount {
             &h[20..32]
         )
     }
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// What the stand-in's tenant looks like.
@@ -72,7 +89,7 @@ impl Default for StubSettings {
             tenant_id: "7f3c1a52-93b4-4d0e-8f7a-2b6c5d4e3f21".into(),
             environment_id: "c2a4e6f8-1b3d-4c5e-9f70-a1b2c3d4e5f6".into(),
             lifetime: Duration::from_secs(3600),
-            accounts: vec![StubAccount::new("demo-client", "demo-secret")],
+            accounts: vec![StubAccount::new(DEFAULT_CLIENT_ID, DEFAULT_SECRET)],
         }
     }
 }
@@ -111,12 +128,46 @@ struct Faults {
 
 struct State {
     settings: Mutex<StubSettings>,
-    key: SigningKey,
+    keys: Mutex<Keys>,
     faults: Mutex<Faults>,
     token_requests: AtomicU64,
     tokens_issued: AtomicU64,
     last_reply: Mutex<Option<String>>,
     origin: String,
+}
+
+/// The key that signs, and the one before it, still published until retired so that tokens
+/// it signed verify until they expire (a rotation drill).
+struct Keys {
+    current: Arc<SigningKey>,
+    previous: Option<Arc<SigningKey>>,
+}
+
+impl State {
+    fn reset_secret(&self, client_id: &str, secret: &str) -> bool {
+        let mut settings = self.settings.lock().expect("settings lock");
+        match settings
+            .accounts
+            .iter_mut()
+            .find(|a| a.client_id == client_id)
+        {
+            Some(account) => {
+                account.secret_sha256 = hash(secret);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Signs with `key` from now on; returns its id and the id of the key it replaces.
+    fn rotate(&self, key: SigningKey, retire: bool) -> (String, String) {
+        let mut keys = self.keys.lock().expect("keys lock");
+        let kid = key.kid().to_owned();
+        let old = std::mem::replace(&mut keys.current, Arc::new(key));
+        let previous = old.kid().to_owned();
+        keys.previous = (!retire).then_some(old);
+        (kid, previous)
+    }
 }
 
 /// Watches and steers a running stand-in.
@@ -159,6 +210,28 @@ impl StubHandle {
         self.0.settings.lock().expect("settings lock").accounts = accounts;
     }
 
+    /// Sets the secret of the account `client_id`; returns whether it exists.
+    pub fn reset_secret(&self, client_id: &str, secret: &str) -> bool {
+        self.0.reset_secret(client_id, secret)
+    }
+
+    /// Signs with `key` from now on; the key in use stays in the JWKS unless `retire`.
+    /// Returns the new key's id.
+    pub fn rotate_key(&self, key: SigningKey, retire: bool) -> String {
+        self.0.rotate(key, retire).0
+    }
+
+    /// Returns the id of the key that signs now.
+    pub fn kid(&self) -> String {
+        self.0
+            .keys
+            .lock()
+            .expect("keys lock")
+            .current
+            .kid()
+            .to_owned()
+    }
+
     /// Returns the tenant and environment ids.
     pub fn tenant(&self) -> (String, String) {
         let s = self.0.settings.lock().expect("settings lock");
@@ -194,7 +267,10 @@ impl IdentityStub {
             listener,
             state: Arc::new(State {
                 settings: Mutex::new(settings),
-                key,
+                keys: Mutex::new(Keys {
+                    current: Arc::new(key),
+                    previous: None,
+                }),
                 faults: Mutex::default(),
                 token_requests: AtomicU64::new(0),
                 tokens_issued: AtomicU64::new(0),
@@ -224,10 +300,105 @@ async fn answer(
     let path = request.uri().path().to_owned();
     match (request.method(), path.as_str()) {
         (&Method::GET, "/health") => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)),
+        (&Method::POST, "/admin/rotate-key") => rotate_key(state, request).await,
+        (&Method::POST, p) if p.starts_with("/admin/accounts/") && p.ends_with("/secret") => {
+            let client_id = &p["/admin/accounts/".len()..p.len() - "/secret".len()];
+            reset_secret(state, client_id.to_owned(), request).await
+        }
+        (&Method::GET, "/admin/accounts") => Ok(accounts(state)),
         (&Method::POST, "/graphql") => token_endpoint(state, request).await,
         (&Method::GET, p) if p.ends_with("/.well-known/jwks.json") => Ok(jwks(state, p)),
         _ => Ok(json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#)),
     }
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, super::BoxError> {
+    Ok(Limited::new(request.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await?
+        .to_bytes())
+}
+
+/// `POST /admin/accounts/{client_id}/secret` with the new secret as the body.
+async fn reset_secret(
+    state: &State,
+    client_id: String,
+    request: Request<Incoming>,
+) -> Result<Response<StubBody>, super::BoxError> {
+    let body = read_body(request).await?;
+    let secret = String::from_utf8_lossy(&body).trim().to_owned();
+    if secret.is_empty() {
+        return Ok(json(
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"send the new secret as the body"}"#,
+        ));
+    }
+    if state.reset_secret(&client_id, &secret) {
+        tracing::info!(client_id, "stand-in: client secret reset");
+        let body = json!({"client_id": client_id, "status": "secret reset"});
+        Ok(json(StatusCode::OK, body.to_string()))
+    } else {
+        Ok(json(
+            StatusCode::NOT_FOUND,
+            r#"{"error":"no such client id"}"#,
+        ))
+    }
+}
+
+/// `POST /admin/rotate-key[?retire=true]`, with a PKCS#8 PEM RSA key as the body, or an
+/// empty body for the stand-in's other bundled key.
+async fn rotate_key(
+    state: &State,
+    request: Request<Incoming>,
+) -> Result<Response<StubBody>, super::BoxError> {
+    let retire = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "retire=true" || p == "retire=1"));
+    let body = read_body(request).await?;
+    let key = if body.iter().all(u8::is_ascii_whitespace) {
+        let current = state
+            .keys
+            .lock()
+            .expect("keys lock")
+            .current
+            .kid()
+            .to_owned();
+        let next = SigningKey::bundled_next();
+        if next.kid() == current {
+            SigningKey::bundled()
+        } else {
+            next
+        }
+    } else {
+        match SigningKey::from_pem(&body) {
+            Ok(key) => key,
+            Err(error) => {
+                let body = json!({"error": format!("not a PKCS#8 PEM RSA key: {error}")});
+                return Ok(json(StatusCode::BAD_REQUEST, body.to_string()));
+            }
+        }
+    };
+    let (kid, previous) = state.rotate(key, retire);
+    tracing::info!(
+        kid,
+        previous,
+        retired = retire,
+        "stand-in: signing key rotated"
+    );
+    let body = json!({"kid": kid, "previous": previous, "previous_published": !retire});
+    Ok(json(StatusCode::OK, body.to_string()))
+}
+
+/// `GET /admin/accounts`: client ids and permissions, never secrets.
+fn accounts(state: &State) -> Response<StubBody> {
+    let settings = state.settings.lock().expect("settings lock");
+    let list: Vec<Value> = settings
+        .accounts
+        .iter()
+        .map(|a| json!({"client_id": a.client_id, "name": a.name, "permissions": a.permissions}))
+        .collect();
+    json(StatusCode::OK, json!({"accounts": list}).to_string())
 }
 
 fn jwks(state: &State, path: &str) -> Response<StubBody> {
@@ -239,10 +410,14 @@ fn jwks(state: &State, path: &str) -> Response<StubBody> {
     if path != expected {
         return json(StatusCode::NOT_FOUND, r#"{"error":"unknown environment"}"#);
     }
-    json(
-        StatusCode::OK,
-        json!({"keys": [state.key.jwk()]}).to_string(),
-    )
+    json(StatusCode::OK, {
+        let keys = state.keys.lock().expect("keys lock");
+        let published: Vec<Value> = std::iter::once(&keys.current)
+            .chain(keys.previous.as_ref())
+            .map(|k| k.jwk())
+            .collect();
+        json!({ "keys": published }).to_string()
+    })
 }
 
 fn current_fault(state: &State, n: u64) -> Option<Fault> {
@@ -344,7 +519,7 @@ fn login(state: &State, body: &Bytes) -> Response<StubBody> {
             "Invalid Client ID or Client Secret",
         );
     };
-    if account.client_secret != secret {
+    if !account.has_secret(secret) {
         return refuse(
             ErrorCode::InvalidClientIdSecret,
             "Invalid Client ID or Client Secret",
@@ -370,7 +545,8 @@ fn login(state: &State, body: &Bytes) -> Response<StubBody> {
         // Not a Mosaic claim; it keeps two tokens issued in the same second apart.
         "jti": format!("{:016x}", rand::random::<u64>()),
     });
-    let token = state.key.sign(&claims);
+    let key = state.keys.lock().expect("keys lock").current.clone();
+    let token = key.sign(&claims);
     state.tokens_issued.fetch_add(1, Ordering::SeqCst);
     let reply = json!({"data": {"authenticateServiceAccount": {
         "accessToken": token,

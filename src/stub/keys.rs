@@ -8,6 +8,8 @@ use serde_json::{json, Value};
 
 /// The stand-in's bundled key: public knowledge, for local use only, never trusted by Mosaic.
 const BUNDLED_KEY: &[u8] = include_bytes!("signing-key.pem");
+/// A second key for rotation drills.
+const BUNDLED_NEXT_KEY: &[u8] = include_bytes!("signing-key-2.pem");
 
 /// Why a signing key cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,11 @@ impl SigningKey {
     /// Returns the bundled key of the stand-in.
     pub fn bundled() -> SigningKey {
         SigningKey::from_pem(BUNDLED_KEY).expect("the bundled key is a valid RSA key")
+    }
+
+    /// Returns the stand-in's second bundled key, the one a rotation drill turns to.
+    pub fn bundled_next() -> SigningKey {
+        SigningKey::from_pem(BUNDLED_NEXT_KEY).expect("the bundled key is a valid RSA key")
     }
 
     /// Returns the key id put in every token's header.

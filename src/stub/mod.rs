@@ -1,6 +1,7 @@
 //! Local stand-ins that behave like Mosaic: an identity service and a Mosaic-like upstream.
 //! The demo, the tests and load-test setups use them; nothing here runs in a proxy.
 
+pub mod accounts;
 pub mod body;
 pub mod identity;
 pub mod keys;

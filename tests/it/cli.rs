@@ -264,3 +264,36 @@ async fn sighup_reads_a_changed_secret_file_at_once() {
         "SIGHUP did not bring a token with the new secret"
     );
 }
+
+#[test]
+fn check_applies_environment_overrides_and_refuses_unknown_ones() {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    let out = binary()
+        .args(["check", "--config"])
+        .arg(&file)
+        .env("MEDIA_CLIENT_SECRET", "x")
+        .env("MOSAIC_AUTH_PROXY__SERVER__LISTEN", "127.0.0.1:18080")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("127.0.0.1:18080"), "{stdout}");
+    let out = binary()
+        .args(["check", "--config"])
+        .arg(&file)
+        .env("MEDIA_CLIENT_SECRET", "x")
+        .env("MOSAIC_AUTH_PROXY__SERVER__LISTEN_ON", "127.0.0.1:18080")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.listen_on"), "{stderr}");
+    assert!(
+        stderr.contains("MOSAIC_AUTH_PROXY__SERVER__LISTEN_ON"),
+        "{stderr}"
+    );
+}

@@ -408,3 +408,76 @@ fn further_listeners_are_checked() {
         config.warnings
     );
 }
+
+fn overridden(vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::parse_with_overrides(VALID, &env, &vars)
+}
+
+#[test]
+fn environment_overrides_win_over_the_file_and_are_validated_like_it() {
+    let config = overridden(&[
+        ("MOSAIC_AUTH_PROXY__SERVER__LISTEN", "0.0.0.0:9090"),
+        ("MOSAIC_AUTH_PROXY__SERVER__MAX_HEADERS", "50"),
+        ("MOSAIC_AUTH_PROXY__SERVER__ACCESS_LOG", "true"),
+        ("MOSAIC_AUTH_PROXY__IDENTITY__REFRESH_AT", "0.5"),
+        ("MOSAIC_AUTH_PROXY__ACCOUNTS__MEDIA__CLIENT_ID", "from-env"),
+        (
+            "MOSAIC_AUTH_PROXY__ROUTES__0__UPSTREAM",
+            "https://other.example",
+        ),
+        ("MOSAIC_AUTH_PROXY__ROUTES__0__UPGRADES", "[]"),
+        ("OTHER__SERVER__LISTEN", "ignored"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.server.listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(config.server.limits.max_headers, 50);
+    assert!(config.server.access_log);
+    assert_eq!(config.identity.refresh.fraction, 0.5);
+    assert_eq!(config.accounts[0].client_id, "from-env");
+    assert_eq!(
+        config.routes[0].upstream.to_string(),
+        "https://other.example"
+    );
+    assert!(config.routes[0].upgrades.is_empty());
+}
+
+#[test]
+fn unknown_or_bad_overrides_are_refused_naming_the_variable() {
+    let errors = overridden(&[
+        ("MOSAIC_AUTH_PROXY__SERVER__LISTN", "0.0.0.0:9090"),
+        ("MOSAIC_AUTH_PROXY__SERVR__LISTEN", "0.0.0.0:9090"),
+        ("MOSAIC_AUTH_PROXY__SERVER__MAX_HEADERS", "many"),
+        (
+            "MOSAIC_AUTH_PROXY__ROUTES__7__UPSTREAM",
+            "https://x.example",
+        ),
+    ])
+    .expect_err("the overrides are refused");
+    let text = errors.to_string();
+    for (key, var) in [
+        ("server.listn", "MOSAIC_AUTH_PROXY__SERVER__LISTN"),
+        ("servr", "MOSAIC_AUTH_PROXY__SERVR__LISTEN"),
+        (
+            "server.max_headers",
+            "MOSAIC_AUTH_PROXY__SERVER__MAX_HEADERS",
+        ),
+    ] {
+        let error = errors
+            .0
+            .iter()
+            .find(|e| e.key == key)
+            .unwrap_or_else(|| panic!("no error for {key}: {text}"));
+        assert!(error.problem.contains(var), "{text}");
+    }
+    assert!(
+        errors
+            .0
+            .iter()
+            .any(|e| e.key == "MOSAIC_AUTH_PROXY__ROUTES__7__UPSTREAM"),
+        "{text}"
+    );
+}

@@ -13,6 +13,7 @@ mod logs;
 mod operations;
 mod parser;
 mod rejections;
+mod rig;
 mod soak;
 mod support;
 mod tls;
