@@ -11,14 +11,28 @@ use std::time::Duration;
 async fn no_secret_and_no_token_is_ever_logged() {
     let captured = Captured::default();
     let writer = captured.clone();
+    // Crates that log through `log` (reqwest, rustls) reach the subscriber as the binary's do.
+    let _ = tracing_log::LogTracer::init();
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("mosaic_auth_proxy=trace,hyper=debug,hyper_util=debug,reqwest=debug")
+        // Every crate at trace: hyper-util, h2, reqwest, rustls included (hyper logs nothing
+        // unless built with its unstable tracing).
+        .with_env_filter("trace")
+        .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let h = harness(StubSettings::default()).await;
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy = TestProxy::start(&stubs.config_with_server("access_log = true", "", ""))
+        .await
+        .ready()
+        .await;
+    let h = Harness { stubs, proxy };
     let mut tokens = Vec::new();
+    let h2 = http::Request::get(h.proxy.url("/whoami"))
+        .body(empty())
+        .unwrap();
+    send(&h2_client(), h2).await;
     get(&h.proxy.url("/whoami")).await;
     tokens.push(h.stubs.upstream.last().unwrap().headers[header::AUTHORIZATION].clone());
     // A rejection, a refresh and a replay.
@@ -39,10 +53,58 @@ async fn no_secret_and_no_token_is_ever_logged() {
         "nothing was captured"
     );
     assert!(text.contains("INVALID_CLIENT_ID_SECRET"), "{text}");
+    for crate_name in ["hyper_util", "reqwest", "h2"] {
+        assert!(
+            text.contains(&format!("TRACE {crate_name}"))
+                || text.contains(&format!("DEBUG {crate_name}")),
+            "{crate_name}'s lines were not captured"
+        );
+    }
+    assert!(text.contains("access: request"), "no access log line");
     assert!(!text.contains(SECRET), "the client secret was logged");
     for token in tokens {
         let jwt = token.to_str().unwrap().trim_start_matches("Bearer ");
         let signature = jwt.rsplit('.').next().unwrap();
         assert!(!text.contains(signature), "a token was logged");
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_access_log_writes_one_json_line_per_request() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("access=info")
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy = TestProxy::start(&stubs.config_with_server("access_log = true", "", ""))
+        .await
+        .ready()
+        .await;
+    get(&proxy.url("/whoami?secret=not-logged")).await;
+    get(&proxy.url("/nowhere/../..")).await;
+    let sent = stubs.upstream.last().unwrap().headers[header::AUTHORIZATION].clone();
+    let jwt = sent.to_str().unwrap().trim_start_matches("Bearer ");
+    let fingerprint = mosaic_auth_proxy::secret::fingerprint(jwt);
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let first = &lines[0]["fields"];
+    assert_eq!(first["route"], "*/");
+    assert_eq!(first["http.method"], "GET");
+    assert_eq!(first["path"], "/whoami");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["token"], fingerprint.as_str());
+    assert_eq!(first["upstream"], format!("http://{}", stubs.upstream_addr));
+    assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
+    let second = &lines[1]["fields"];
+    assert_eq!(second["status"], 400);
+    assert_eq!(second["token"], "-");
+    assert!(!text.contains("not-logged"), "the query was logged");
 }
