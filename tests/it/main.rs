@@ -15,6 +15,7 @@ mod parser;
 mod rejections;
 mod rig;
 mod soak;
+mod status_page;
 mod support;
 mod tls;
 mod tokens;
