@@ -4,6 +4,7 @@ mod access;
 mod amplify;
 mod cli;
 mod config;
+mod deploy;
 mod faults;
 mod forwarding;
 mod hostile;

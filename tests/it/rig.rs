@@ -234,6 +234,23 @@ async fn sighup_reloads_the_routes_of_a_running_proxy() {
         .unwrap();
     let _proxy = Process(proxy);
     assert_eq!(line.trim(), "ready");
+    // The container health check.
+    let probe = |path: &str| {
+        binary()
+            .args(["probe", &format!("http://{admin}{path}")])
+            .output()
+            .unwrap()
+    };
+    assert!(probe("/livez").status.success());
+    let missing = probe("/nowhere");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+    let closed = free();
+    let refused = binary()
+        .args(["probe", &format!("http://{closed}/livez")])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
     assert_eq!(
         get(&format!("http://{listen}/before/whoami")).await.status,
         StatusCode::OK
