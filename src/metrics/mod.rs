@@ -224,93 +224,107 @@ impl RouteMetrics {
 #[derive(Debug)]
 struct AccountSeries(LiveAccounts);
 
+/// One sample of an account series: its labels and value.
+type Sample = (Vec<(&'static str, String)>, f64);
+
 impl prometheus_client::collector::Collector for AccountSeries {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let accounts = self.0.load();
         let statuses: Vec<_> = accounts.iter().map(|a| (a, a.status())).collect();
-        let name = |a: &Account| [("account", a.name().to_owned())];
-
-        let mut family = encoder.encode_descriptor(
-            "token_requests",
-            "Token requests to the identity service, by outcome",
-            None,
-            MetricType::Counter,
-        )?;
-        for (account, _) in &statuses {
+        let labels = |a: &Account, more: Option<(&'static str, &str)>| {
+            let mut labels = vec![("account", a.name().to_owned())];
+            labels.extend(more.map(|(k, v)| (k, v.to_owned())));
+            labels
+        };
+        let mut token_requests = Vec::new();
+        let mut expiry = Vec::new();
+        let mut last_refresh = Vec::new();
+        let mut rejections = Vec::new();
+        let mut replays = Vec::new();
+        let mut breaker = Vec::new();
+        for (account, status) in &statuses {
+            let stats = account.stats();
             for outcome in TokenOutcome::ALL {
-                let labels = [
-                    ("account", account.name().to_owned()),
-                    ("outcome", outcome.label().to_owned()),
-                ];
-                let n = account.stats().token_requests(outcome);
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                let n = stats.token_requests(outcome) as f64;
+                token_requests.push((labels(account, Some(("outcome", outcome.label()))), n));
             }
-        }
-
-        let mut family = encoder.encode_descriptor(
-            "token_expiry_seconds",
-            "Seconds until the cached token expires (negative once it has)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (account, status) in &statuses {
             if let Some(left) = status.expires_in_s {
-                ConstGauge::new(left).encode(family.encode_family(&name(account))?)?;
+                expiry.push((labels(account, None), left));
             }
-        }
-
-        let mut family = encoder.encode_descriptor(
-            "token_last_refresh_timestamp_seconds",
-            "When the last token was obtained, in seconds since the Unix epoch",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (account, _) in &statuses {
-            if let Some(ms) = account.stats().last_refresh_ms() {
-                ConstGauge::new(ms as f64 / 1e3).encode(family.encode_family(&name(account))?)?;
+            if let Some(ms) = stats.last_refresh_ms() {
+                last_refresh.push((labels(account, None), ms as f64 / 1e3));
             }
-        }
-
-        let mut family = encoder.encode_descriptor(
-            "token_rejections",
-            "Tokens an upstream refused, by the upstream's code",
-            None,
-            MetricType::Counter,
-        )?;
-        for (account, _) in &statuses {
-            for (code, n) in account.stats().rejections() {
-                let labels = [("account", account.name().to_owned()), ("code", code)];
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            for (code, n) in stats.rejections() {
+                rejections.push((labels(account, Some(("code", &code))), n as f64));
             }
-        }
-
-        let mut family = encoder.encode_descriptor(
-            "replays",
-            "Requests whose token was refused, by what became of them",
-            None,
-            MetricType::Counter,
-        )?;
-        for (account, _) in &statuses {
             for outcome in ReplayOutcome::ALL {
-                let labels = [
-                    ("account", account.name().to_owned()),
-                    ("outcome", outcome.label().to_owned()),
-                ];
-                let n = account.stats().replays(outcome);
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                let n = stats.replays(outcome) as f64;
+                replays.push((labels(account, Some(("outcome", outcome.label()))), n));
             }
+            breaker.push((
+                labels(account, None),
+                f64::from(u8::from(status.breaker_open)),
+            ));
         }
-
-        let mut family = encoder.encode_descriptor(
-            "breaker_open",
-            "1 while upstreams' refusals of fresh tokens are passed through without a refresh",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (account, status) in &statuses {
-            let open = i64::from(status.breaker_open);
-            ConstGauge::new(open).encode(family.encode_family(&name(account))?)?;
+        let families = [
+            (
+                "token_requests",
+                "Token requests to the identity service, by outcome",
+                MetricType::Counter,
+                token_requests,
+            ),
+            (
+                "token_expiry_seconds",
+                "Seconds until the cached token expires (negative once it has)",
+                MetricType::Gauge,
+                expiry,
+            ),
+            (
+                "token_last_refresh_timestamp_seconds",
+                "When the last token was obtained, in seconds since the Unix epoch",
+                MetricType::Gauge,
+                last_refresh,
+            ),
+            (
+                "token_rejections",
+                "Tokens an upstream refused, by the upstream's code",
+                MetricType::Counter,
+                rejections,
+            ),
+            (
+                "replays",
+                "Requests whose token was refused, by what became of them",
+                MetricType::Counter,
+                replays,
+            ),
+            (
+                "breaker_open",
+                "1 while upstreams' refusals of fresh tokens are passed through without a refresh",
+                MetricType::Gauge,
+                breaker,
+            ),
+        ];
+        for (name, help, kind, samples) in families {
+            encode_family(&mut encoder, name, help, kind, &samples)?;
         }
         Ok(())
     }
+}
+
+fn encode_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: &[Sample],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let sample = family.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(*value as u64).encode(sample)?,
+            _ => ConstGauge::new(*value).encode(sample)?,
+        }
+    }
+    Ok(())
 }

@@ -6,6 +6,16 @@ use mosaic_auth_proxy::mosaic::ErrorCode;
 use mosaic_auth_proxy::stub::{Fault, StubSettings};
 use std::time::Duration;
 
+/// The stand-ins and a proxy with `server.access_log`, ready.
+async fn access_logged() -> Harness {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy = TestProxy::start(&stubs.config_with_server("access_log = true", "", ""))
+        .await
+        .ready()
+        .await;
+    Harness { stubs, proxy }
+}
+
 // A current-thread runtime keeps every task on the thread whose subscriber captures them.
 #[tokio::test(flavor = "current_thread")]
 async fn no_secret_and_no_token_is_ever_logged() {
@@ -22,12 +32,7 @@ async fn no_secret_and_no_token_is_ever_logged() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let stubs = Stubs::start(StubSettings::default()).await;
-    let proxy = TestProxy::start(&stubs.config_with_server("access_log = true", "", ""))
-        .await
-        .ready()
-        .await;
-    let h = Harness { stubs, proxy };
+    let h = access_logged().await;
     let mut tokens = Vec::new();
     let h2 = http::Request::get(h.proxy.url("/whoami"))
         .body(empty())
@@ -79,11 +84,7 @@ async fn the_access_log_writes_one_json_line_per_request() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    let stubs = Stubs::start(StubSettings::default()).await;
-    let proxy = TestProxy::start(&stubs.config_with_server("access_log = true", "", ""))
-        .await
-        .ready()
-        .await;
+    let Harness { stubs, proxy } = access_logged().await;
     get(&proxy.url("/whoami?secret=not-logged")).await;
     get(&proxy.url("/nowhere/../..")).await;
     let sent = stubs.upstream.last().unwrap().headers[header::AUTHORIZATION].clone();

@@ -380,6 +380,13 @@ async fn a_reload_under_traffic_adds_and_removes_routes_keeps_tokens_and_refuses
             .clone()
     };
     let main_before = main(&proxy);
+    let gone = proxy
+        .live
+        .accounts()
+        .iter()
+        .find(|a| a.name() == "gone")
+        .unwrap()
+        .clone();
     assert_eq!(get(&proxy.url("/old/whoami")).await.status, StatusCode::OK);
     let traffic = traffic(proxy.url("/stays/whoami"), 4);
     let token_requests = stubs.identity.token_requests();
@@ -407,6 +414,19 @@ async fn a_reload_under_traffic_adds_and_removes_routes_keeps_tokens_and_refuses
     // The kept account kept its token and refresher: the only token request is the new
     // account's first.
     assert!(std::sync::Arc::ptr_eq(&main_before, &main(&proxy)));
+    // The removed account's refresher and secret watcher stopped: the account is held only
+    // by this test and by the first generation's account list and proxy, which `proxy`
+    // kept from the start (before: also the generation in use, the live account list, the
+    // refresher's record and its two tasks).
+    let released = eventually(Duration::from_secs(5), async || {
+        std::sync::Arc::strong_count(&gone) == 3
+    })
+    .await;
+    assert!(
+        released,
+        "the removed account is still held ({} holders)",
+        std::sync::Arc::strong_count(&gone)
+    );
     assert_eq!(stubs.identity.token_requests(), token_requests + 1);
 
     // A broken file is refused with the errors `check` gives; the configuration in use stays.

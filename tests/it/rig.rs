@@ -41,6 +41,17 @@ impl Drop for Process {
     }
 }
 
+/// Starts `upstream-stub` checking tokens against the identity stand-in at `origin`.
+fn upstream_stub(origin: &str) -> (Process, String) {
+    Process::start(&[
+        "upstream-stub",
+        "--listen",
+        "127.0.0.1:0",
+        "--identity-origin",
+        origin,
+    ])
+}
+
 fn token(config: &std::path::Path, decode: bool) -> std::process::Output {
     let mut command = binary();
     command.args(["token", "importer", "--config"]).arg(config);
@@ -84,13 +95,7 @@ async fn the_stand_ins_run_as_processes_serve_the_token_command_and_rotation_dri
         "--environment-id",
         "env-e",
     ]);
-    let (_upstream, upstream) = Process::start(&[
-        "upstream-stub",
-        "--listen",
-        "127.0.0.1:0",
-        "--identity-origin",
-        &origin,
-    ]);
+    let (_upstream, upstream) = upstream_stub(&origin);
     let dir = crate::operations::tempdir();
     let secret = dir.join("secret");
     std::fs::write(&secret, "first-secret\n").unwrap();
@@ -193,13 +198,7 @@ async fn the_stand_ins_run_as_processes_serve_the_token_command_and_rotation_dri
 #[tokio::test]
 async fn sighup_reloads_the_routes_of_a_running_proxy() {
     let (_identity, origin) = Process::start(&["identity-stub", "--listen", "127.0.0.1:0"]);
-    let (_upstream, upstream) = Process::start(&[
-        "upstream-stub",
-        "--listen",
-        "127.0.0.1:0",
-        "--identity-origin",
-        &origin,
-    ]);
+    let (_upstream, upstream) = upstream_stub(&origin);
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

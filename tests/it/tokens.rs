@@ -60,23 +60,3 @@ async fn tokens_rotate_under_continuous_traffic_without_one_failed_request() {
     assert_eq!(stubs.upstream.expired(), 0);
     assert_eq!(stubs.upstream.refused(), 0);
 }
-
-#[tokio::test]
-async fn readiness_waits_for_the_first_token() {
-    let stubs = Stubs::start(StubSettings::default()).await;
-    stubs.identity.set_fault(Some(Fault::Http500));
-    let proxy = TestProxy::start(&stubs.config("", "")).await;
-    let admin = format!("http://{}", proxy.admin);
-    assert_eq!(get(&format!("{admin}/health")).await.status, StatusCode::OK);
-    let not_ready = get(&format!("{admin}/ready")).await;
-    assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(not_ready.json()["status"], "not_ready");
-    assert_eq!(not_ready.json()["accounts"][0]["account"], "main");
-    assert_ne!(not_ready.json()["accounts"][0]["state"], "ready");
-    stubs.identity.set_fault(None);
-    let ready = eventually(Duration::from_secs(5), async || {
-        get(&format!("{admin}/ready")).await.status == StatusCode::OK
-    })
-    .await;
-    assert!(ready, "the proxy never became ready");
-}
