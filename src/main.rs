@@ -168,10 +168,15 @@ fn main() -> ExitCode {
     if let Some(limit) = mosaic_auth_proxy::server::raise_open_file_limit() {
         tracing::debug!(open_files = limit, "open-file limit");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The proxy serves on its workers' runtimes; this one carries the control work (token
+    // refreshers, the admin listener, signals). The stand-ins serve on this one, with every core.
+    let mut builder = match cli.command {
+        Command::IdentityStub { .. } | Command::UpstreamStub { .. } => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");

@@ -11,7 +11,9 @@ use crate::config::{Config, ConnectionLimits, ListenAddress};
 use crate::identity::Account;
 use crate::proxy::{Proxy, ProxyService};
 use crate::server::transport::Listener;
-use crate::server::{derived_max_connections, serve, TlsConfig};
+use crate::server::{
+    connection_slots, derived_max_connections, serve, serve_sharing, worker, TlsConfig,
+};
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
 use crate::tls::TlsError;
@@ -58,7 +60,8 @@ pub enum RunError {
 
 /// A proxy whose listeners are bound and whose accounts are created; nothing runs yet.
 pub struct App {
-    listener: TcpListener,
+    /// The main listener's sockets, one per worker.
+    listeners: Vec<std::net::TcpListener>,
     admin: Option<TcpListener>,
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
@@ -118,11 +121,12 @@ impl App {
                 .max_connections
                 .unwrap_or_else(derived_max_connections),
         );
-        let listener = bind(config.server.listen).await?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        let bound = |source| StartError::Bind {
             addr: config.server.listen,
             source,
-        })?;
+        };
+        let listeners = worker::bind(config.server.listen, config.server.workers).map_err(bound)?;
+        let local_addr = listeners[0].local_addr().map_err(bound)?;
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -131,7 +135,7 @@ impl App {
         let shutdown_grace = config.server.shutdown_grace;
         let live = Arc::new(Live::new(config, names, source).await?);
         Ok(App {
-            listener,
+            listeners,
             admin,
             local_addr,
             admin_addr,
@@ -288,19 +292,28 @@ impl App {
         tracing::info!(
             listen = %self.local_addr,
             admin = ?self.admin_addr,
+            workers = self.listeners.len(),
             routes = proxy.load().routes().routes().len(),
             accounts = live.accounts().len(),
             max_connections = self.limits.max_connections,
             "proxy listening"
         );
-        let deadline = serve(
-            self.listener,
-            move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
-            self.limits.clone(),
-            self.tls.as_ref().map(|tls| tls.config.clone()),
-            shutdown,
-            self.shutdown_grace,
-        )
+        // The workers share the places of max_connections.
+        let slots = connection_slots(&self.limits);
+        let (limits, grace) = (self.limits.clone(), self.shutdown_grace);
+        let tls = self.tls.as_ref().map(|tls| tls.config.clone());
+        let deadline = worker::run(self.listeners, move |_, listener| {
+            let (proxy, connections) = (proxy.clone(), connections.clone());
+            serve_sharing(
+                listener,
+                move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
+                limits.clone(),
+                slots.clone(),
+                tls.clone(),
+                shutdown.clone(),
+                grace,
+            )
+        })
         .await;
         // Every task watches the same signal and drains by the same deadline.
         let _ = tokio::time::timeout_at(deadline, async {

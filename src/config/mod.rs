@@ -66,6 +66,14 @@ pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 256;
 pub const DEFAULT_MAX_CANCELLED_STREAMS: u32 = 100;
 /// The window over which cancelled forwarded requests are counted.
 pub const DEFAULT_CANCELLED_STREAMS_WINDOW: Duration = Duration::from_secs(10);
+/// The most `server.workers`.
+pub const MAX_WORKERS: u64 = 256;
+
+/// Returns the default `server.workers`: one per core this process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// How often the listener's certificate files are read again.
 pub const DEFAULT_TLS_RELOAD: Duration = Duration::from_secs(10);
 /// Concurrent streams one HTTP/2 client connection may open.
@@ -149,6 +157,8 @@ pub struct ServerConfig {
     pub tls_reload: Duration,
     /// One `info` line per request (target `access`).
     pub access_log: bool,
+    /// Threads serving the main listener, each with its own runtime and socket.
+    pub workers: usize,
 }
 
 /// The bounds on what one client connection may hold, and on how many there are.

@@ -2,6 +2,10 @@
 
 use super::section::Section;
 use super::{
+    default_workers, DEFAULT_CANCELLED_STREAMS_WINDOW, DEFAULT_MAX_CANCELLED_STREAMS,
+    DEFAULT_TLS_RELOAD, DEFAULT_UPSTREAM_MAX_CONNECTIONS, MAX_WORKERS,
+};
+use super::{
     AccessRules, ConnectionLimits, ListenAddress, ListenerConfig, DEFAULT_BODY_TIMEOUT,
     DEFAULT_H2_CONNECTION_WINDOW, DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_H2_STREAM_WINDOW,
     DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
@@ -13,10 +17,6 @@ use super::{
     TlsConfig, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY_ORIGIN,
     DEFAULT_IDENTITY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_REPLY_BYTES, DEFAULT_REPLAY_BODY_LIMIT,
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_TIMEOUT,
-};
-use super::{
-    DEFAULT_CANCELLED_STREAMS_WINDOW, DEFAULT_MAX_CANCELLED_STREAMS, DEFAULT_TLS_RELOAD,
-    DEFAULT_UPSTREAM_MAX_CONNECTIONS,
 };
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
@@ -151,6 +151,7 @@ pub(super) fn parse_server(
             "tls_client_auth",
             "tls_reload",
             "access_log",
+            "workers",
         ],
     );
     let listen = s
@@ -235,6 +236,7 @@ pub(super) fn parse_server(
         tls,
         tls_reload: s.duration("tls_reload", DEFAULT_TLS_RELOAD),
         access_log: s.bool("access_log", false),
+        workers: s.integer("workers", default_workers() as u64, (1, MAX_WORKERS)) as usize,
         upstream_max_connections: s.integer(
             "upstream_max_connections",
             DEFAULT_UPSTREAM_MAX_CONNECTIONS as u64,

@@ -18,10 +18,23 @@ pub type UpstreamClient = Client<BudgetedConnector<HttpsConnector<HttpConnector>
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The clients of the forwarding path: one that agrees the version with each upstream
-/// (HTTP/1.1, or HTTP/2 by ALPN over TLS), and one for routes that speak h2c.
+/// (HTTP/1.1, or HTTP/2 by ALPN over TLS), and one for routes that speak h2c. The workers
+/// share them: an upstream's connection budget counts one pool, so that an idle connection
+/// of one worker never keeps another from connecting.
 pub struct UpstreamClients {
-    pub negotiated: UpstreamClient,
-    pub h2c: UpstreamClient,
+    negotiated: UpstreamClient,
+    h2c: UpstreamClient,
+}
+
+impl UpstreamClients {
+    /// Returns the client for `h2c` routes or for the others.
+    pub fn get(&self, h2c: bool) -> &UpstreamClient {
+        if h2c {
+            &self.h2c
+        } else {
+            &self.negotiated
+        }
+    }
 }
 
 impl std::fmt::Debug for UpstreamClients {

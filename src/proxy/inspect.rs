@@ -33,8 +33,8 @@ pub async fn inspect(response: Response<UpstreamBody>) -> Result<Inspected, Prox
         return Ok(Inspected::Pass(response.map(ProxyBody::Upstream)));
     }
     let (parts, body) = response.into_parts();
-    let bytes = Limited::new(body, INSPECT_LIMIT as usize)
-        .collect()
+    // Boxed: most requests never read their answer, and their futures stay small.
+    let bytes = Box::pin(Limited::new(body, INSPECT_LIMIT as usize).collect())
         .await
         .map_err(ProxyError::UpstreamBody)?
         .to_bytes();

@@ -60,6 +60,14 @@ struct Picked<'a> {
     forwarded_host: Option<HeaderValue>,
 }
 
+/// How a request body travels: decided at once, or to be read and kept first.
+enum Kept<'a> {
+    /// Streamed (or empty); `true` if the request can be replayed from its head alone.
+    Decided(ProxyBody, bool),
+    /// Small enough to keep, its share of `server.replay_memory` taken.
+    Keep(Incoming, SemaphorePermit<'a>),
+}
+
 /// What is kept of a request so it can be sent once more with a fresh token.
 struct Replay<'a> {
     method: Method,
@@ -68,6 +76,19 @@ struct Replay<'a> {
     body: Bytes,
     /// Its share of `server.replay_memory`, given back with it (none for an empty body).
     _budget: Option<SemaphorePermit<'a>>,
+}
+
+impl<'a> Replay<'a> {
+    /// Keeps the head of a request that has no body.
+    fn bodiless(parts: &http::request::Parts) -> Replay<'a> {
+        Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            body: Bytes::new(),
+            _budget: None,
+        }
+    }
 }
 
 impl Proxy {
@@ -172,9 +193,8 @@ impl Proxy {
         // Token: the ready-made header, or a short wait while one is being fetched.
         let sent = match route.account.usable_header() {
             Some(value) => value,
-            None => route
-                .account
-                .header_or_wait(self.token_wait)
+            // The rare path is boxed so that every request's future stays small.
+            None => Box::pin(route.account.header_or_wait(self.token_wait))
                 .await
                 .map_err(|cause| ProxyError::TokenUnavailable {
                     account: route.account.name().to_owned(),
@@ -201,9 +221,10 @@ impl Proxy {
             None => None,
         };
         // Keep a small body for a replay, or stream it.
-        let (body, replay) = self
-            .keep_or_stream(route, &parts, body, client_upgrade.is_none())
-            .await?;
+        let (body, replay) = match self.stream_or_budget(route, body, client_upgrade.is_none()) {
+            Kept::Decided(body, replay) => (body, replay.then(|| Replay::bodiless(&parts))),
+            Kept::Keep(body, budget) => Box::pin(self.keep(&parts, body, budget)).await?,
+        };
         parts.headers.insert(header::AUTHORIZATION, sent.clone());
         if self.access_log {
             record.log_forward(&route.upstream, &sent);
@@ -232,9 +253,8 @@ impl Proxy {
             Inspected::Pass(response) => response,
             Inspected::Rejected(original, code) => {
                 route.account.stats().rejection(&code);
-                let (response, outcome) = self
-                    .after_rejection(route, sent, original, replay, client)
-                    .await?;
+                let (response, outcome) =
+                    Box::pin(self.after_rejection(route, sent, original, replay, client)).await?;
                 route.account.stats().replay(outcome);
                 response
             }
@@ -315,28 +335,31 @@ impl Proxy {
         })
     }
 
-    /// Keeps a small body, within `server.replay_memory`, so that the request can be
-    /// replayed after a token rejection; otherwise streams it, its pauses bounded.
-    async fn keep_or_stream(
-        &self,
-        route: &Route,
-        parts: &http::request::Parts,
-        body: Incoming,
-        replayable: bool,
-    ) -> Result<(ProxyBody, Option<Replay<'_>>), ProxyError> {
+    /// Decides, without waiting, whether a request body is streamed or kept (within
+    /// `server.replay_memory`) so that the request can be replayed after a token rejection.
+    fn stream_or_budget<'a>(&'a self, route: &Route, body: Incoming, replayable: bool) -> Kept<'a> {
         let budget = (route.replay && replayable)
             .then(|| self.replay_budget(&body))
             .flatten();
-        let Some(budget) = budget else {
-            return Ok(if body.is_end_stream() {
-                (ProxyBody::Streamed(body), None)
-            } else {
-                (
-                    ProxyBody::Timed(TimedBody::new(body, self.body_timeout)),
-                    None,
-                )
-            });
-        };
+        match budget {
+            // Nothing to keep: a replay needs only the head.
+            Some(None) => Kept::Decided(ProxyBody::Streamed(body), true),
+            Some(Some(budget)) => Kept::Keep(body, budget),
+            None if body.is_end_stream() => Kept::Decided(ProxyBody::Streamed(body), false),
+            None => Kept::Decided(
+                ProxyBody::Timed(TimedBody::new(body, self.body_timeout)),
+                false,
+            ),
+        }
+    }
+
+    /// Reads a small body into memory, its pauses bounded, and keeps it for a replay.
+    async fn keep<'a>(
+        &'a self,
+        parts: &http::request::Parts,
+        body: Incoming,
+        budget: SemaphorePermit<'a>,
+    ) -> Result<(ProxyBody, Option<Replay<'a>>), ProxyError> {
         let kept = Limited::new(
             TimedBody::new(body, self.body_timeout),
             self.replay_body_limit as usize,
@@ -349,11 +372,9 @@ impl Proxy {
         })?
         .to_bytes();
         let replay = Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
             body: kept.clone(),
-            _budget: budget,
+            _budget: Some(budget),
+            ..Replay::bodiless(parts)
         };
         Ok((ProxyBody::full(kept), Some(replay)))
     }
@@ -394,11 +415,7 @@ impl Proxy {
                 waited: self.upstream_timeout,
             });
         };
-        let upstream = if route.h2c {
-            &route.clients.h2c
-        } else {
-            &route.clients.negotiated
-        };
+        let upstream = route.clients.get(route.h2c);
         let sending = Instant::now();
         let mut exchange = Exchange::new(upstream.request(request), slot, client.0.conn.clone());
         let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
@@ -437,7 +454,7 @@ impl Proxy {
         let Some(replay) = replay else {
             return Ok((original, ReplayOutcome::NotKept));
         };
-        let fresh = match account.header_or_wait(self.token_wait).await {
+        let fresh = match Box::pin(account.header_or_wait(self.token_wait)).await {
             Ok(fresh) if fresh != sent => fresh,
             _ => return Ok((original, ReplayOutcome::NoToken)),
         };
@@ -560,8 +577,8 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         Box::pin(async move {
             let proxy = service.0.proxy.load_full();
             let mut record = Record::begin(&proxy.unrouted, Instant::now());
-            let handling = async { proxy.handle(request, &service, &mut record).await };
-            let response = answer_or_500(handling).await;
+            // Awaited in place: a future held in a local and then moved would be stored twice.
+            let response = answer_or_500(proxy.handle(request, &service, &mut record)).await;
             Ok(response.map(|body| Metered::new(body, record)))
         })
     }
@@ -569,14 +586,18 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
 /// Answers 500 instead of dropping the connection when handling a request panics (a bug of
 /// the proxy; the connection and every other request carry on).
-async fn answer_or_500(handling: impl Future<Output = Response<ProxyBody>>) -> Response<ProxyBody> {
-    match AssertUnwindSafe(handling).catch_unwind().await {
-        Ok(response) => response,
-        Err(_) => {
-            tracing::error!("handling a request panicked; answering 500");
-            ProxyError::Internal.to_response()
-        }
-    }
+fn answer_or_500(
+    handling: impl Future<Output = Response<ProxyBody>>,
+) -> impl Future<Output = Response<ProxyBody>> {
+    AssertUnwindSafe(handling)
+        .catch_unwind()
+        .map(|handled| match handled {
+            Ok(response) => response,
+            Err(_) => {
+                tracing::error!("handling a request panicked; answering 500");
+                ProxyError::Internal.to_response()
+            }
+        })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod conn;
 pub mod goaway;
 pub mod transport;
 pub mod watchdog;
+pub mod worker;
 
 use crate::config::ConnectionLimits;
 use crate::shutdown::Shutdown;
@@ -75,6 +76,36 @@ pub async fn serve<S, B>(
     make: impl Fn(&Arc<ClientConn>) -> S + Send + Sync + 'static,
     limits: ConnectionLimits,
     tls: Option<TlsConfig>,
+    shutdown: Shutdown,
+    grace: Duration,
+) -> Instant
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let slots = connection_slots(&limits);
+    serve_sharing(listener, make, limits, slots, tls, shutdown, grace).await
+}
+
+/// The places of `max_connections`, for listeners that share them (the workers').
+pub fn connection_slots(limits: &ConnectionLimits) -> Arc<Semaphore> {
+    let max = limits
+        .max_connections
+        .unwrap_or_else(derived_max_connections);
+    Arc::new(Semaphore::new(max))
+}
+
+/// Like [`serve`], with the places of `max_connections` shared with other listeners.
+pub async fn serve_sharing<S, B>(
+    listener: impl Into<Listener>,
+    make: impl Fn(&Arc<ClientConn>) -> S + Send + Sync + 'static,
+    limits: ConnectionLimits,
+    slots: Arc<Semaphore>,
+    tls: Option<TlsConfig>,
     mut shutdown: Shutdown,
     grace: Duration,
 ) -> Instant
@@ -92,7 +123,6 @@ where
     let max_connections = limits
         .max_connections
         .unwrap_or_else(derived_max_connections);
-    let slots = Arc::new(Semaphore::new(max_connections));
     let timeouts = Timeouts {
         header: limits.header_timeout,
         idle: limits.idle_timeout,

@@ -269,7 +269,12 @@ async fn a_client_that_stops_reading_loses_its_connection_and_the_upstream_is_re
 #[tokio::test]
 async fn connections_over_max_connections_are_refused_while_admitted_ones_and_probes_work() {
     let stubs = Stubs::start(StubSettings::default()).await;
-    let proxy = proxy_with(&stubs, "max_connections = 3", "").await;
+    let proxy = proxy_with(
+        &stubs,
+        "max_connections = 3\n# Accepts in order: one worker.\nworkers = 1",
+        "",
+    )
+    .await;
 
     let tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut admitted, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -669,4 +674,35 @@ async fn an_upgraded_tunnel_is_part_of_the_drain_and_closed_when_the_grace_perio
         .await
         .expect("the proxy stopped")
         .unwrap();
+}
+
+#[tokio::test]
+async fn workers_share_max_connections() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy = proxy_with(&stubs, "max_connections = 2\nworkers = 4", "").await;
+    let open = async || {
+        let text = get(&format!("http://{}/metrics", proxy.admin)).await.body;
+        let text = String::from_utf8_lossy(&text).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("mosaic_auth_proxy_client_connections "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Two connections, wherever the kernel puts them, hold both places of all four workers.
+    let _a = TcpStream::connect(proxy.addr).await.unwrap();
+    let _b = TcpStream::connect(proxy.addr).await.unwrap();
+    let held = eventually(PATIENCE, async || open().await == 2.0).await;
+    assert!(held, "the two connections were not both accepted");
+    for _ in 0..8 {
+        let mut more = TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = more
+            .write_all(b"GET /whoami HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await;
+        let refused = read_to_close(&mut more, PATIENCE).await;
+        assert_eq!(
+            refused.as_deref(),
+            Some(&b""[..]),
+            "a worker served past the shared limit"
+        );
+    }
 }

@@ -1,0 +1,89 @@
+//! Workers: the main listener is served by `server.workers` threads, each with a
+//! current-thread runtime of its own and its own `SO_REUSEPORT` socket on the listen
+//! address, so the kernel spreads connections over them and a request never leaves the
+//! thread that accepted it (no work stealing). The upstream connection pools are shared.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// The connections a listening socket queues before they are accepted.
+const BACKLOG: u32 = 1024;
+
+/// Binds `count` sockets to `addr` with `SO_REUSEPORT` (port 0: the port the first one
+/// got), for the workers to serve; they are registered with a runtime only in their worker.
+/// Called within a runtime.
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        addr = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    // Listening registers a socket with this runtime; into_std takes it back out.
+    sockets
+        .into_iter()
+        .map(|socket| socket.listen(BACKLOG)?.into_std())
+        .collect()
+}
+
+/// Runs `serve(i, listener)` for each listener on a thread of its own with a current-thread
+/// runtime; resolves when every worker has returned, with the latest deadline one returned.
+pub async fn run<F, Fut>(listeners: Vec<std::net::TcpListener>, serve: F) -> Instant
+where
+    F: Fn(usize, tokio::net::TcpListener) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Instant> + 'static,
+{
+    let serve = Arc::new(serve);
+    // The workers log where this thread logs (a test's scoped subscriber included).
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let mut done = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (serve, dispatch) = (serve.clone(), dispatch.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || {
+                let _logging = tracing::dispatcher::set_default(&dispatch);
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!(worker = i, %error, "cannot start a worker's runtime");
+                        return;
+                    }
+                };
+                let deadline = runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => serve(i, listener).await,
+                        Err(error) => {
+                            tracing::error!(worker = i, %error, "cannot listen in a worker");
+                            Instant::now()
+                        }
+                    }
+                });
+                let _ = tx.send(deadline);
+            });
+        match spawned {
+            Ok(_) => done.push(rx),
+            Err(error) => tracing::error!(worker = i, %error, "cannot start a worker thread"),
+        }
+    }
+    let mut latest = Instant::now();
+    for rx in done {
+        if let Ok(deadline) = rx.await {
+            latest = latest.max(deadline);
+        }
+    }
+    latest
+}
