@@ -19,6 +19,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including every header that `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a lookup of each.
+    let any = headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == header::PROXY_AUTHENTICATE);
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -46,6 +46,11 @@ impl Record {
         }
     }
 
+    /// Returns when the request began.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Returns the series the request is counted under.
     pub fn route(&self) -> &RouteMetrics {
         &self.route

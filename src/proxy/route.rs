@@ -35,6 +35,9 @@ pub struct Route {
     pub name: String,
     /// The route's series.
     pub metrics: Arc<RouteMetrics>,
+    /// The `Host` of requests to a plain HTTP/1.1 upstream, made once (the client would
+    /// otherwise format it for each request); `None` where the connection may be HTTP/2.
+    pub host_header: Option<http::HeaderValue>,
 }
 
 impl Route {
@@ -62,6 +65,7 @@ impl Route {
             clients,
             account,
             metrics: metrics.route(&name),
+            host_header: host_header(&config.upstream, config.h2c),
             name,
         }
     }
@@ -139,6 +143,20 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
 }
 
+/// The `Host` an HTTP/1.1 client sends to `upstream`: its host, and its port unless it is
+/// the scheme's default; `None` for `https://` (the version is agreed by ALPN) and h2c.
+fn host_header(upstream: &Upstream, h2c: bool) -> Option<http::HeaderValue> {
+    if h2c || upstream.scheme != http::uri::Scheme::HTTP {
+        return None;
+    }
+    let host = upstream.authority.host();
+    let value = match upstream.authority.port_u16().filter(|p| *p != 80) {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    http::HeaderValue::from_str(&value).ok()
+}
+
 /// Names a route `host/prefix` (`*` for any host), with its listener's name in front when it
 /// is served on a further listener: `partner:*/media`.
 pub fn route_name(config: &RouteConfig) -> String {
@@ -163,6 +181,8 @@ pub fn strip_port(host: &str) -> &str {
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// Some route names a host (otherwise the request's host need not be looked at).
+    by_host: bool,
 }
 
 impl RouteTable {
@@ -170,12 +190,13 @@ impl RouteTable {
     /// does not; among those, the longest prefix wins.
     pub fn new(mut routes: Vec<Route>) -> RouteTable {
         routes.sort_by_key(|r| (r.host.is_none(), std::cmp::Reverse(r.prefix.len())));
-        RouteTable { routes }
+        let by_host = routes.iter().any(|r| r.host.is_some());
+        RouteTable { routes, by_host }
     }
 
     /// Finds the route of a request to `host` (port and case ignored) and `path`.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        let host = host.map(strip_port);
+        let host = host.filter(|_| self.by_host).map(strip_port);
         self.routes.iter().find(|r| r.matches(host, path))
     }
 

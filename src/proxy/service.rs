@@ -129,7 +129,7 @@ impl Proxy {
         client: &ProxyService,
         record: &mut Record,
     ) -> Response<ProxyBody> {
-        let started = Instant::now();
+        let started = record.started();
         let method = request.method().clone();
         if self.access_log {
             record.log(&method, request.uri().path());
@@ -517,7 +517,10 @@ fn rewrite(
         .map_err(ProxyError::BadTarget)?;
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
-    headers.remove(header::HOST);
+    match &route.host_header {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        None => headers.remove(header::HOST),
+    };
     headers.remove(header::AUTHORIZATION);
     if let Some(marker) = route.access.marker() {
         headers.remove(marker);
