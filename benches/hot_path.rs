@@ -55,6 +55,25 @@ fn typical_headers() -> HeaderMap {
     h
 }
 
+/// What the profile showed to matter beyond the rewrite: headers without hop-by-hop ones
+/// (most requests over HTTP/1.1 keep-alive and every h2 request; one pass, no lookups), and
+/// the copy of a request head kept for a replay.
+fn profile_hot_spots(c: &mut Criterion) {
+    let mut plain = typical_headers();
+    plain.remove(header::CONNECTION);
+    c.bench_function("hot_path/remove_hop_by_hop_absent", |b| {
+        b.iter_batched_ref(
+            || plain.clone(),
+            |headers| remove_hop_by_hop(headers),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let uri: http::Uri = "http://127.0.0.1:8080/v1/graphql?x=1".parse().unwrap();
+    c.bench_function("hot_path/replay_head_copy", |b| {
+        b.iter(|| (plain.clone(), uri.clone(), http::Method::POST))
+    });
+}
+
 fn token_and_rewrite(c: &mut Criterion) {
     let account = account_with_token();
     c.bench_function("hot_path/usable_header", |b| {
@@ -181,5 +200,5 @@ fn round_trips(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, token_and_rewrite, round_trips);
+criterion_group!(benches, token_and_rewrite, profile_hot_spots, round_trips);
 criterion_main!(benches);
