@@ -491,3 +491,43 @@ async fn a_failing_identity_service_counts_transient_token_requests() {
     .await;
     assert!(counted, "transient failures were not counted");
 }
+
+#[tokio::test]
+async fn upstream_errors_are_counted_by_kind() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    // TLS spoken to a plain HTTP upstream fails in the handshake; /slow outlasts the timeout.
+    let config = stubs.config_with_server(
+        "upstream_timeout = \"100ms\"",
+        "",
+        &format!(
+            "[[routes]]\npath_prefix = \"/tls\"\nupstream = \"https://{}\"\naccount = \"main\"\n",
+            stubs.upstream_addr
+        ),
+    );
+    let proxy = TestProxy::start(&config).await.ready().await;
+    assert_eq!(
+        get(&proxy.url("/tls/x")).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        get(&proxy.url("/slow")).await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    let scrape = Scrape::take(proxy.admin).await;
+    let errors = |route: &str, kind: &str| {
+        scrape.get(
+            &format!("{P}upstream_errors_total"),
+            &[("route", route), ("kind", kind)],
+        )
+    };
+    assert_eq!(errors("*/tls", "tls"), 1.0);
+    assert_eq!(errors("*/tls", "connect"), 0.0);
+    assert_eq!(errors("*/", "timeout"), 1.0);
+    assert_eq!(
+        scrape.get(
+            &format!("{P}requests_total"),
+            &[("route", "*/"), ("status", "504")]
+        ),
+        1.0
+    );
+}
