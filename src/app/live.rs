@@ -347,6 +347,7 @@ fn compare(old: &Generation, next: &Generation) -> ReloadReport {
             "server.shutdown_grace",
             o.shutdown_grace != n.shutdown_grace,
         ),
+        ("server.workers", o.workers != n.workers),
         ("[listeners]", old.config.listeners != next.config.listeners),
     ];
     for (what, changed) in restart_only {
