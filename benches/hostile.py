@@ -99,10 +99,12 @@ account = "main"
 """)
         try:
             procs.append(subprocess.Popen(
-                [BINARY, "identity-stub", "--listen", f"127.0.0.1:{identity}"], env=env))
+                [BINARY, "identity-stub", "--listen", f"127.0.0.1:{identity}"], env=env,
+                stdout=subprocess.DEVNULL))
             procs.append(subprocess.Popen(
                 [BINARY, "upstream-stub", "--listen", f"127.0.0.1:{upstream}",
-                 "--identity-origin", f"http://127.0.0.1:{identity}"], env=env))
+                 "--identity-origin", f"http://127.0.0.1:{identity}"], env=env,
+                stdout=subprocess.DEVNULL))
             proxy = subprocess.Popen(
                 [BINARY, "run", "--config", config],
                 env=dict(env, BENCH_SECRET="demo-secret"))
