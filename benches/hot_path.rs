@@ -132,6 +132,7 @@ async fn plain_upstream(signal: Shutdown) -> SocketAddr {
         },
         Default::default(),
         None,
+        None,
         signal,
         Duration::from_secs(1),
     ));

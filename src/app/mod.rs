@@ -11,9 +11,7 @@ use crate::config::{Config, ConnectionLimits, ListenAddress};
 use crate::identity::Account;
 use crate::proxy::{Proxy, ProxyService};
 use crate::server::transport::Listener;
-use crate::server::{
-    connection_slots, derived_max_connections, serve, serve_sharing, worker, TlsConfig,
-};
+use crate::server::{connection_slots, derived_max_connections, serve, worker, TlsConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
 use crate::tls::TlsError;
@@ -230,6 +228,7 @@ impl App {
                     extra.listener,
                     move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
                     limits,
+                    None,
                     tls,
                     shutdown,
                     grace,
@@ -252,6 +251,7 @@ impl App {
                     admin,
                     move |_| crate::admin::AdminService::new(live.clone()),
                     limits,
+                    None,
                     None,
                     shutdown,
                     grace,
@@ -304,11 +304,11 @@ impl App {
         let tls = self.tls.as_ref().map(|tls| tls.config.clone());
         let deadline = worker::run(self.listeners, move |_, listener| {
             let (proxy, connections) = (proxy.clone(), connections.clone());
-            serve_sharing(
+            serve(
                 listener,
                 move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
                 limits.clone(),
-                slots.clone(),
+                Some(slots.clone()),
                 tls.clone(),
                 shutdown.clone(),
                 grace,

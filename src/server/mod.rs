@@ -67,30 +67,6 @@ pub fn raise_open_file_limit() -> Option<u64> {
 /// The listener's TLS configuration, replaced when its files change.
 pub type TlsConfig = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
 
-/// Serves `listener` (over TLS if `tls` is given) until `shutdown`, with a service made per
-/// connection by `make`; then lets requests in flight (and upgraded tunnels) finish for up
-/// to `grace` and drops the rest. Returns the deadline it drained by: shutdown's moment
-/// plus `grace`.
-pub async fn serve<S, B>(
-    listener: impl Into<Listener>,
-    make: impl Fn(&Arc<ClientConn>) -> S + Send + Sync + 'static,
-    limits: ConnectionLimits,
-    tls: Option<TlsConfig>,
-    shutdown: Shutdown,
-    grace: Duration,
-) -> Instant
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let slots = connection_slots(&limits);
-    serve_sharing(listener, make, limits, slots, tls, shutdown, grace).await
-}
-
 /// The places of `max_connections`, for listeners that share them (the workers').
 pub fn connection_slots(limits: &ConnectionLimits) -> Arc<Semaphore> {
     let max = limits
@@ -99,12 +75,16 @@ pub fn connection_slots(limits: &ConnectionLimits) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(max))
 }
 
-/// Like [`serve`], with the places of `max_connections` shared with other listeners.
-pub async fn serve_sharing<S, B>(
+/// Serves `listener` (over TLS if `tls` is given) until `shutdown`, with a service made per
+/// connection by `make`; then lets requests in flight (and upgraded tunnels) finish for up
+/// to `grace` and drops the rest. Returns the deadline it drained by: shutdown's moment
+/// plus `grace`. `slots` are the places of `max_connections` when several listeners share them (the
+/// workers'); `None`: the listener's own.
+pub async fn serve<S, B>(
     listener: impl Into<Listener>,
     make: impl Fn(&Arc<ClientConn>) -> S + Send + Sync + 'static,
     limits: ConnectionLimits,
-    slots: Arc<Semaphore>,
+    slots: Option<Arc<Semaphore>>,
     tls: Option<TlsConfig>,
     mut shutdown: Shutdown,
     grace: Duration,
@@ -118,6 +98,7 @@ where
     B::Error: Into<BoxError>,
 {
     let listener = listener.into();
+    let slots = slots.unwrap_or_else(|| connection_slots(&limits));
     let builder = Arc::new(builder(&limits));
     let make = Arc::new(make);
     let max_connections = limits

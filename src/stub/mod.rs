@@ -132,6 +132,7 @@ async fn serve_stand_in<S, F, Fut>(
         },
         limits,
         None,
+        None,
         shutdown,
         std::time::Duration::from_secs(1),
     )

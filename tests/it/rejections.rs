@@ -118,6 +118,7 @@ async fn an_http_401_is_a_rejection_too() {
         },
         Default::default(),
         None,
+        None,
         signal,
         Duration::from_secs(1),
     ));
