@@ -170,6 +170,19 @@ impl Account {
         }
     }
 
+    /// Names the token in `header` by its fingerprint: the cached token's, if it is the one,
+    /// otherwise (a token replaced since) computed.
+    pub fn fingerprint_of(&self, header: &HeaderValue) -> String {
+        let current = self.current.load();
+        match current.as_deref().filter(|t| t.header() == header) {
+            Some(token) => token.fingerprint().to_owned(),
+            None => {
+                let text = header.to_str().unwrap_or_default();
+                crate::secret::fingerprint(text.trim_start_matches("Bearer "))
+            }
+        }
+    }
+
     /// Returns the account's counters and timeline.
     pub fn stats(&self) -> &AccountStats {
         &self.stats

@@ -177,11 +177,6 @@ impl RouteMetrics {
         self.in_flight.inc();
     }
 
-    /// Takes back a request counted here that another route took.
-    pub fn ended_elsewhere(&self) {
-        self.in_flight.dec();
-    }
-
     /// Counts a request that has ended (its answer sent or given up) after `elapsed`.
     pub fn ended(&self, elapsed: Duration) {
         self.in_flight.dec();

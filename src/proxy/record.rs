@@ -1,9 +1,8 @@
 //! One request's record while it is answered: counted in flight, then its duration observed
 //! and, with `server.access_log`, one log line, when its answer has been sent or given up.
 
-use crate::config::Upstream;
+use crate::identity::Account;
 use crate::metrics::RouteMetrics;
-use crate::secret::fingerprint;
 use http::{HeaderValue, Method, StatusCode};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,8 +21,9 @@ struct AccessLine {
     method: Method,
     path: String,
     status: u16,
-    upstream: Option<String>,
-    token: Option<String>,
+    upstream: Option<Arc<str>>,
+    /// The token sent and its account, which names it by fingerprint when the line is written.
+    token: Option<(HeaderValue, Arc<Account>)>,
 }
 
 impl Record {
@@ -37,11 +37,10 @@ impl Record {
         }
     }
 
-    /// Moves the request to the series of the route that took it.
+    /// Moves the request to the series of the route that took it (requests in flight are
+    /// one gauge for every route, so it stays counted as it was).
     pub fn set_route(&mut self, route: &Arc<RouteMetrics>) {
         if !Arc::ptr_eq(&self.route, route) {
-            self.route.ended_elsewhere();
-            route.begun();
             self.route = route.clone();
         }
     }
@@ -75,12 +74,11 @@ impl Record {
         }));
     }
 
-    /// Adds where the request went and the fingerprint of the token it carried.
-    pub fn log_forward(&mut self, upstream: &Upstream, sent: &HeaderValue) {
+    /// Adds where the request went and the token it carried.
+    pub fn log_forward(&mut self, upstream: &Arc<str>, sent: &HeaderValue, account: &Arc<Account>) {
         if let Some(line) = &mut self.line {
-            line.upstream = Some(upstream.to_string());
-            let jwt = sent.to_str().unwrap_or("").trim_start_matches("Bearer ");
-            line.token = Some(fingerprint(jwt));
+            line.upstream = Some(upstream.clone());
+            line.token = Some((sent.clone(), account.clone()));
         }
     }
 }
@@ -90,6 +88,10 @@ impl Drop for Record {
         let elapsed = self.started.elapsed();
         self.route.ended(elapsed);
         if let Some(line) = self.line.take() {
+            let token = line
+                .token
+                .as_ref()
+                .map(|(sent, account)| account.fingerprint_of(sent));
             tracing::info!(
                 target: "access",
                 route = self.route.name(),
@@ -98,7 +100,7 @@ impl Drop for Record {
                 status = line.status,
                 duration_ms = elapsed.as_secs_f64() * 1e3,
                 upstream = line.upstream.as_deref().unwrap_or("-"),
-                token = line.token.as_deref().unwrap_or("-"),
+                token = token.as_deref().unwrap_or("-"),
                 "request"
             );
         }

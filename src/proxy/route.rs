@@ -15,6 +15,8 @@ pub struct Route {
     host: Option<String>,
     prefix: String,
     pub upstream: Upstream,
+    /// The upstream as the access log names it, made once.
+    pub upstream_text: Arc<str>,
     strip_prefix: bool,
     /// Whether a refused request may be replayed once with a fresh token.
     pub replay: bool,
@@ -55,6 +57,7 @@ impl Route {
             host: config.host.clone(),
             prefix: config.path_prefix.clone(),
             upstream: config.upstream.clone(),
+            upstream_text: config.upstream.to_string().into(),
             strip_prefix: config.strip_prefix,
             replay: config.replay,
             allow_encoded_slashes: config.allow_encoded_slashes,

@@ -227,7 +227,7 @@ impl Proxy {
         };
         parts.headers.insert(header::AUTHORIZATION, sent.clone());
         if self.access_log {
-            record.log_forward(&route.upstream, &sent);
+            record.log_forward(&route.upstream_text, &sent, &route.account);
         }
 
         // Forward.

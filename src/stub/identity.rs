@@ -210,17 +210,6 @@ impl StubHandle {
         self.0.settings.lock().expect("settings lock").accounts = accounts;
     }
 
-    /// Sets the secret of the account `client_id`; returns whether it exists.
-    pub fn reset_secret(&self, client_id: &str, secret: &str) -> bool {
-        self.0.reset_secret(client_id, secret)
-    }
-
-    /// Signs with `key` from now on; the key in use stays in the JWKS unless `retire`.
-    /// Returns the new key's id.
-    pub fn rotate_key(&self, key: SigningKey, retire: bool) -> String {
-        self.0.rotate(key, retire).0
-    }
-
     /// Returns the id of the key that signs now.
     pub fn kid(&self) -> String {
         self.0

@@ -364,35 +364,19 @@ fn demanding_acceptor(server_ca: &Ca, name: &str, client_ca: &Ca) -> tokio_rustl
 /// `client_ca`; answers 200 with whether a bearer token came.
 async fn mtls_upstream(server_ca: &Ca, client_ca: &Ca) -> std::net::SocketAddr {
     let acceptor = demanding_acceptor(server_ca, "upstream.internal", client_ca);
-    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        // Bounded: the test makes a handful of connections.
-        for _ in 0..16 {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let bearer = req.headers().contains_key(header::AUTHORIZATION);
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(format!(
-                                "bearer={bearer}"
-                            ))),
-                        ))
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+    tls_server(acceptor, |tls| async move {
+        let service =
+            hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let bearer = req.headers().contains_key(header::AUTHORIZATION);
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(format!("bearer={bearer}")),
+                )))
             });
-        }
-    });
-    addr
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    })
+    .await
 }
 
 // A current-thread runtime keeps every task on the thread whose subscriber captures them.
@@ -466,25 +450,14 @@ async fn a_route_reaches_an_mtls_upstream_with_its_own_ca_client_certificate_and
 /// certificate of `client_ca`.
 async fn tls_front(server_ca: &Ca, client_ca: &Ca, behind: String) -> std::net::SocketAddr {
     let acceptor = demanding_acceptor(server_ca, "id.internal", client_ca);
-    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        // Bounded: the proxy makes a connection or two.
-        for _ in 0..16 {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (acceptor, behind) = (acceptor.clone(), behind.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut plain = tokio::net::TcpStream::connect(behind).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
+    tls_server(acceptor, move |mut tls| {
+        let behind = behind.clone();
+        async move {
+            let mut plain = tokio::net::TcpStream::connect(behind).await.unwrap();
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test]

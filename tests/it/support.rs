@@ -343,3 +343,29 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// Serves TLS on loopback: each connection that completes its handshake with `acceptor` is
+/// handed to `serve`. Bounded: after 16 connections it accepts no more.
+pub async fn tls_server<F, Fut>(acceptor: tokio_rustls::TlsAcceptor, serve: F) -> SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    tokio::spawn(async move {
+        for _ in 0..16 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
+                }
+            });
+        }
+    });
+    addr
+}

@@ -32,41 +32,25 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
         .unwrap();
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        // Bounded: the test makes a handful of connections.
-        for _ in 0..16 {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(
-                    |req: Request<hyper::body::Incoming>| async move {
-                        let auth = req
-                            .headers()
-                            .get("authorization")
-                            .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "));
-                        let body = serde_json::json!({"data": {"version": format!("{:?}", req.version()), "bearer": auth}});
-                        let mut response =
-                            Response::new(Full::new(bytes::Bytes::from(body.to_string())));
-                        response.headers_mut().insert(
-                            "content-type",
-                            http::HeaderValue::from_static("application/json"),
-                        );
-                        Ok::<_, Infallible>(response)
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
+    let addr = tls_server(acceptor, |tls| async move {
+        let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "));
+            let body = serde_json::json!({"data": {"version": format!("{:?}", req.version()), "bearer": auth}});
+            let mut response = Response::new(Full::new(bytes::Bytes::from(body.to_string())));
+            response.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            );
+            Ok::<_, Infallible>(response)
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    })
+    .await;
     (addr, ca.pem())
 }
 
