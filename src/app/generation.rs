@@ -7,10 +7,11 @@ use crate::config::{Config, RouteConfig};
 use crate::identity::refresher::Policies;
 use crate::identity::{Account, IdentityClient};
 use crate::metrics::Metrics;
-use crate::proxy::forward::upstream_clients;
+use crate::proxy::pool::{connector, Pool};
 use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, Route, RouteTable};
 use crate::tls::{client_config, client_config_for};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -79,12 +80,14 @@ impl Generation {
                 .unwrap_or(config.server.upstream_max_connections);
             (origin(r), max)
         })));
-        let shared = Arc::new(upstream_clients(
+        let connect_timeout = config.server.connect_timeout;
+        let shared = connector(
             client_config(config.tls.native_roots, global_ca)?,
             None,
-            config.server.connect_timeout,
-            budgets.clone(),
-        ));
+            connect_timeout,
+        );
+        // One pool per upstream, h2c or not, and TLS settings (the shared ones, or a route's).
+        let mut pools: HashMap<(String, bool, Option<usize>), Arc<Pool>> = HashMap::new();
         let mut warnings = Vec::new();
         let mut routes: Vec<Vec<Route>> = (0..=listeners.len()).map(|_| Vec::new()).collect();
         for (i, r) in config.routes.iter().enumerate() {
@@ -103,17 +106,31 @@ impl Generation {
             let budget = budgets
                 .get(&origin(r))
                 .expect("every route's upstream has a budget");
-            let clients = match &r.tls {
-                None => shared.clone(),
-                Some(own) => Arc::new(upstream_clients(
-                    client_config_for(config.tls.native_roots, global_ca, own)?,
-                    own.server_name.as_deref(),
-                    config.server.connect_timeout,
-                    budgets.clone(),
-                )),
+            let key = (origin(r), r.h2c, r.tls.as_ref().map(|_| i));
+            let pool = match pools.get(&key) {
+                Some(pool) => pool.clone(),
+                None => {
+                    let connector = match &r.tls {
+                        None => shared.clone(),
+                        Some(own) => connector(
+                            client_config_for(config.tls.native_roots, global_ca, own)?,
+                            own.server_name.as_deref(),
+                            connect_timeout,
+                        ),
+                    };
+                    let pool = Arc::new(Pool::new(
+                        r.upstream.scheme.clone(),
+                        r.upstream.authority.clone(),
+                        r.h2c,
+                        connector,
+                        budget.clone(),
+                    ));
+                    pools.insert(key, pool.clone());
+                    pool
+                }
             };
             let account = accounts[r.account].clone();
-            routes[slot].push(Route::new(r, account, budget, clients, metrics));
+            routes[slot].push(Route::new(r, account, budget, pool, metrics));
         }
         let proxies = routes
             .into_iter()

@@ -44,11 +44,11 @@ pub enum ProxyError {
         cause: TokenUnavailable,
     },
     #[error("cannot connect to the upstream")]
-    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    UpstreamConnect(#[source] BoxError),
     #[error("the upstream did not answer within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
     #[error("the upstream connection failed")]
-    Upstream(#[source] hyper_util::client::legacy::Error),
+    Upstream(#[source] hyper::Error),
     #[error("the upstream's answer broke off")]
     UpstreamBody(#[source] BoxError),
     #[error("the upstream switched protocols for a request that asked for no upgrade")]
@@ -140,9 +140,8 @@ impl ProxyError {
     /// Tells what kind of upstream failure this is, for the metrics; `None` for the others.
     pub fn upstream_error(&self) -> Option<UpstreamError> {
         match self {
-            ProxyError::UpstreamConnect(e) | ProxyError::Upstream(e) if is_tls(e) => {
-                Some(UpstreamError::Tls)
-            }
+            ProxyError::UpstreamConnect(e) if is_tls(&**e) => Some(UpstreamError::Tls),
+            ProxyError::Upstream(e) if is_tls(e) => Some(UpstreamError::Tls),
             ProxyError::UpstreamConnect(_) => Some(UpstreamError::Connect),
             ProxyError::UpstreamTimeout(_) => Some(UpstreamError::Timeout),
             ProxyError::Upstream(_)

@@ -1,6 +1,6 @@
 //! The forwarding path. A request goes through named phases: request filter (refuse what
 //! this proxy never serves; judge the path, [`path`]), pick upstream ([`route`]), token, rewrite ([`headers`]), forward
-//! ([`forward`]), response filter ([`inspect`]: a token rejection leads to one refresh and at
+//! ([`pool`]), response filter ([`inspect`]: a token rejection leads to one refresh and at
 //! most one replay); upgraded connections are spliced by [`upgrade`]; [`upstream`] keeps
 //! each upstream within its budget and its connections through cancellations. [`error`] maps every
 //! failure to one status by who is at fault.
@@ -8,10 +8,10 @@
 pub mod access;
 pub mod body;
 pub mod error;
-pub mod forward;
 pub mod headers;
 pub mod inspect;
 pub mod path;
+pub mod pool;
 pub mod record;
 pub mod route;
 pub mod service;

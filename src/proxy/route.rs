@@ -1,7 +1,7 @@
 //! Picking the route of a request: host first, then the longest path prefix.
 
 use super::access::Access;
-use super::forward::UpstreamClients;
+use super::pool::Pool;
 use super::upstream::Budget;
 use crate::config::{RouteConfig, Upstream};
 use crate::identity::Account;
@@ -30,26 +30,26 @@ pub struct Route {
     pub access: Access,
     /// The upstream is spoken to in HTTP/2 with prior knowledge.
     pub h2c: bool,
-    /// The clients that reach the upstream (its own where the route sets `tls`).
-    pub clients: Arc<UpstreamClients>,
+    /// The connections to the upstream (its own where the route sets `tls`).
+    pub pool: Arc<Pool>,
     pub account: Arc<Account>,
     /// `host/prefix`, for logs and the metrics' `route` label.
     pub name: String,
     /// The route's series.
     pub metrics: Arc<RouteMetrics>,
-    /// The `Host` of requests to a plain HTTP/1.1 upstream, made once (the client would
-    /// otherwise format it for each request); `None` where the connection may be HTTP/2.
+    /// The `Host` of requests over HTTP/1.1, made once; `None` for h2c (an HTTP/2
+    /// connection sends `:authority` instead).
     pub host_header: Option<http::HeaderValue>,
 }
 
 impl Route {
     /// Creates a route from its configuration, the account it names, its upstream's budget
-    /// and the clients that reach it.
+    /// and the pool of its connections.
     pub fn new(
         config: &RouteConfig,
         account: Arc<Account>,
         budget: Arc<Budget>,
-        clients: Arc<UpstreamClients>,
+        pool: Arc<Pool>,
         metrics: &Metrics,
     ) -> Route {
         let name = route_name(config);
@@ -65,7 +65,7 @@ impl Route {
             budget,
             access: Access::new(&config.access),
             h2c: config.h2c,
-            clients,
+            pool,
             account,
             metrics: metrics.route(&name),
             host_header: host_header(&config.upstream, config.h2c),
@@ -147,13 +147,18 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 /// The `Host` an HTTP/1.1 client sends to `upstream`: its host, and its port unless it is
-/// the scheme's default; `None` for `https://` (the version is agreed by ALPN) and h2c.
+/// the scheme's default; `None` for h2c.
 fn host_header(upstream: &Upstream, h2c: bool) -> Option<http::HeaderValue> {
-    if h2c || upstream.scheme != http::uri::Scheme::HTTP {
+    if h2c {
         return None;
     }
+    let default_port = if upstream.scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
     let host = upstream.authority.host();
-    let value = match upstream.authority.port_u16().filter(|p| *p != 80) {
+    let value = match upstream.authority.port_u16().filter(|p| *p != default_port) {
         Some(port) => format!("{host}:{port}"),
         None => host.to_owned(),
     };
@@ -230,11 +235,16 @@ mod tests {
         let budgets = crate::proxy::upstream::Budgets::new([(String::new(), 8)])
             .get("")
             .unwrap();
-        let clients = Arc::new(crate::proxy::forward::upstream_clients(
-            crate::tls::client_config(false, None).unwrap(),
-            None,
-            std::time::Duration::from_secs(1),
-            Arc::default(),
+        let pool = Arc::new(crate::proxy::pool::Pool::new(
+            http::uri::Scheme::HTTP,
+            http::uri::Authority::from_static("localhost"),
+            false,
+            crate::proxy::pool::connector(
+                crate::tls::client_config(false, None).unwrap(),
+                None,
+                std::time::Duration::from_secs(1),
+            ),
+            budgets.clone(),
         ));
         let account = Arc::new(Account::new(
             "a",
@@ -249,15 +259,7 @@ mod tests {
             config
                 .routes
                 .iter()
-                .map(|r| {
-                    Route::new(
-                        r,
-                        account.clone(),
-                        budgets.clone(),
-                        clients.clone(),
-                        &metrics,
-                    )
-                })
+                .map(|r| Route::new(r, account.clone(), budgets.clone(), pool.clone(), &metrics))
                 .collect(),
         )
     }

@@ -5,6 +5,7 @@ use super::error::{Fault, ProxyError};
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
 use super::inspect::{inspect, Inspected};
 use super::path::{self, PathError};
+use super::pool::SendError;
 use super::record::Record;
 use super::route::{Route, RouteTable};
 use super::upgrade::{self, TunnelParts};
@@ -415,9 +416,8 @@ impl Proxy {
                 waited: self.upstream_timeout,
             });
         };
-        let upstream = route.clients.get(route.h2c);
         let sending = Instant::now();
-        let mut exchange = Exchange::new(upstream.request(request), slot, client.0.conn.clone());
+        let mut exchange = Exchange::new(route.pool.send(request), slot, client.0.conn.clone());
         let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
         let Ok(answered) = answered else {
             exchange.give_up();
@@ -426,14 +426,12 @@ impl Proxy {
         if answered.is_ok() {
             route.metrics.upstream_answered(sending.elapsed());
         }
-        answered.map_err(|e| {
-            if let Some(gap) = body_timeout_in(&e) {
-                ProxyError::BodyTimeout(gap)
-            } else if e.is_connect() {
-                ProxyError::UpstreamConnect(e)
-            } else {
-                ProxyError::Upstream(e)
-            }
+        answered.map_err(|e| match body_timeout_in(&e) {
+            Some(gap) => ProxyError::BodyTimeout(gap),
+            None => match e {
+                SendError::Connect(e) => ProxyError::UpstreamConnect(e),
+                SendError::Exchange(e) => ProxyError::Upstream(e),
+            },
         })
     }
 
@@ -509,12 +507,8 @@ fn rewrite(
     let path_and_query = route
         .upstream_target(parts.uri.path_and_query(), judged_path)
         .map_err(|e| ProxyError::BadTarget(e.into()))?;
-    parts.uri = Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(ProxyError::BadTarget)?;
+    // Origin-form; the pool gives an HTTP/2 request its scheme and authority.
+    parts.uri = Uri::from(path_and_query);
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     match &route.host_header {
@@ -525,7 +519,7 @@ fn rewrite(
     if let Some(marker) = route.access.marker() {
         headers.remove(marker);
     }
-    // The upstream connection picks its own version (ALPN); hyper sets Host from the URI.
+    // The upstream connection has its own version (ALPN or h2c).
     parts.version = Version::HTTP_11;
     Ok(())
 }

@@ -8,14 +8,12 @@
 //! with its upstream connection when that is cheap to avoid: the answer is awaited and a
 //! small rest read and discarded in the background, so the connection returns to the pool.
 
+use super::pool::{Pooled, SendError, Sending};
 use crate::server::conn::ClientConn;
-use crate::BoxError;
 use bytes::Bytes;
-use http::{Response, Uri};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::ResponseFuture;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -56,6 +54,20 @@ impl Budget {
         self.requests.available_permits()
     }
 
+    /// Takes a place for a new connection, if one is free now.
+    pub fn connection_place(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a place for a new connection.
+    pub async fn wait_connection_place(&self) -> OwnedSemaphorePermit {
+        self.connections
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the budget's semaphore is never closed")
+    }
+
     /// Takes a place for one request, waiting up to `wait` for one to free up.
     pub async fn request_slot(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
         if let Ok(slot) = self.requests.clone().try_acquire_owned() {
@@ -92,64 +104,18 @@ impl Budgets {
     pub fn get(&self, origin: &str) -> Option<Arc<Budget>> {
         self.0.get(origin).cloned()
     }
-
-    pub(crate) fn connections(&self, uri: &Uri) -> Option<Arc<Semaphore>> {
-        let origin = format!("{}://{}", uri.scheme_str()?, uri.authority()?);
-        Some(self.0.get(&origin)?.connections.clone())
-    }
-}
-
-/// A connector that opens a connection to an upstream only when its budget has room.
-#[derive(Clone)]
-pub struct BudgetedConnector<C> {
-    inner: C,
-    budgets: Arc<Budgets>,
-}
-
-impl<C> BudgetedConnector<C> {
-    /// Bounds the connections `inner` opens by `budgets`.
-    pub fn new(inner: C, budgets: Arc<Budgets>) -> BudgetedConnector<C> {
-        BudgetedConnector { inner, budgets }
-    }
-}
-
-impl<C> tower_service::Service<Uri> for BudgetedConnector<C>
-where
-    C: tower_service::Service<Uri> + Send,
-    C::Future: Send + 'static,
-    C::Error: Into<BoxError>,
-{
-    type Response = Budgeted<C::Response>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let places = self.budgets.connections(&uri);
-        let connecting = self.inner.call(uri);
-        Box::pin(async move {
-            let place = match places {
-                Some(places) => Some(places.acquire_owned().await?),
-                None => None,
-            };
-            let io = connecting.await.map_err(Into::into)?;
-            Ok(Budgeted { io, _place: place })
-        })
-    }
 }
 
 /// An upstream connection holding its place in the budget until it closes.
 pub struct Budgeted<T> {
     io: T,
-    _place: Option<OwnedSemaphorePermit>,
+    _place: OwnedSemaphorePermit,
 }
 
-impl<T: Connection> Connection for Budgeted<T> {
-    fn connected(&self) -> Connected {
-        self.io.connected()
+impl<T> Budgeted<T> {
+    /// Lets `io` hold `place` while it is open.
+    pub fn new(io: T, place: OwnedSemaphorePermit) -> Budgeted<T> {
+        Budgeted { io, _place: place }
     }
 }
 
@@ -196,18 +162,14 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Budgeted<T> {
 /// One request's exchange with its upstream, from sending to the answer's head. Dropped
 /// before the head arrives (its client went away), it is finished in the background.
 pub struct Exchange {
-    future: Option<ResponseFuture>,
+    future: Option<Sending>,
     slot: Option<OwnedSemaphorePermit>,
     client: Arc<ClientConn>,
 }
 
 impl Exchange {
     /// Watches `future`, which holds the request's place `slot`, for `client`.
-    pub fn new(
-        future: ResponseFuture,
-        slot: OwnedSemaphorePermit,
-        client: Arc<ClientConn>,
-    ) -> Exchange {
+    pub fn new(future: Sending, slot: OwnedSemaphorePermit, client: Arc<ClientConn>) -> Exchange {
         Exchange {
             future: Some(future),
             slot: Some(slot),
@@ -222,21 +184,19 @@ impl Exchange {
 }
 
 impl Future for Exchange {
-    type Output = Result<Response<UpstreamBody>, hyper_util::client::legacy::Error>;
+    type Output = Result<Response<UpstreamBody>, SendError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let future = this.future.as_mut().expect("polled after completion");
-        let result = std::task::ready!(Pin::new(future).poll(cx));
+        let result = std::task::ready!(future.as_mut().poll(cx));
         this.future = None;
         let slot = this.slot.take();
         let client = this.client.clone();
-        Poll::Ready(result.map(|response| {
-            response.map(|body| UpstreamBody {
-                body: Some(body),
-                slot,
-                client: Some(client),
-            })
+        Poll::Ready(result.map(|(response, conn)| {
+            // A connection handed over to a tunnel is never reused.
+            let conn = conn.filter(|_| response.status() != http::StatusCode::SWITCHING_PROTOCOLS);
+            response.map(|body| UpstreamBody::new(body, slot, client, conn))
         }))
     }
 }
@@ -250,29 +210,60 @@ impl Drop for Exchange {
         let slot = self.slot.take();
         in_background(async move {
             let deadline = tokio::time::Instant::now() + DRAIN_TIME;
-            if let Ok(Ok(response)) = tokio::time::timeout_at(deadline, future).await {
-                drain(response.into_body(), deadline).await;
+            if let Ok(Ok((response, conn))) = tokio::time::timeout_at(deadline, future).await {
+                let ended = drain(response.into_body(), deadline).await;
+                if let (true, Some(conn)) = (ended, conn) {
+                    conn.give_back();
+                }
             }
             drop(slot);
         });
     }
 }
 
-/// An upstream's answer, holding its request's place. Dropped before its end (its client
-/// went away), a small rest is read and discarded in the background to keep the connection.
+/// An upstream's answer, holding its request's place and its connection. Read to its end,
+/// it gives the connection back; dropped before (its client went away), a small rest is read
+/// and discarded in the background to keep the connection.
 #[derive(Debug)]
 pub struct UpstreamBody {
     body: Option<Incoming>,
     slot: Option<OwnedSemaphorePermit>,
     /// Told when the answer is abandoned; `None` once the body has ended.
     client: Option<Arc<ClientConn>>,
+    /// The HTTP/1.1 connection the answer comes on.
+    conn: Option<Pooled>,
 }
 
 impl UpstreamBody {
+    fn new(
+        body: Incoming,
+        slot: Option<OwnedSemaphorePermit>,
+        client: Arc<ClientConn>,
+        conn: Option<Pooled>,
+    ) -> UpstreamBody {
+        UpstreamBody {
+            body: Some(body),
+            slot,
+            client: Some(client),
+            conn,
+        }
+    }
+
     /// Lets the proxy itself drop the answer unread (a refused token's answer, replaced by
     /// a replay): the rest is drained as usual, but it does not count against the client.
     pub fn discard(mut self) {
         self.client = None;
+    }
+
+    /// The body has ended: nothing to keep, the place is free, the connection may serve
+    /// another request.
+    fn ended(&mut self) {
+        self.body = None;
+        self.slot = None;
+        self.client = None;
+        if let Some(conn) = self.conn.take() {
+            conn.give_back();
+        }
     }
 }
 
@@ -289,11 +280,14 @@ impl Body for UpstreamBody {
             return Poll::Ready(None);
         };
         let polled = Pin::new(body).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = &polled {
-            // Ended or broken: nothing to keep, and the place is free.
-            this.body = None;
-            this.slot = None;
-            this.client = None;
+        match &polled {
+            Poll::Ready(None) => this.ended(),
+            Poll::Ready(Some(Err(_))) => {
+                // Broken: the connection is not reused.
+                this.conn = None;
+                this.ended();
+            }
+            _ => {}
         }
         polled
     }
@@ -315,6 +309,7 @@ impl Drop for UpstreamBody {
             return;
         };
         if body.is_end_stream() {
+            self.ended();
             return;
         }
         if let Some(client) = &self.client {
@@ -326,8 +321,12 @@ impl Drop for UpstreamBody {
             .is_none_or(|n| n <= DRAIN_LIMIT_BYTES as u64);
         if small {
             let slot = self.slot.take();
+            let conn = self.conn.take();
             in_background(async move {
-                drain(body, tokio::time::Instant::now() + DRAIN_TIME).await;
+                let ended = drain(body, tokio::time::Instant::now() + DRAIN_TIME).await;
+                if let (true, Some(conn)) = (ended, conn) {
+                    conn.give_back();
+                }
                 drop(slot);
             });
         }
@@ -342,17 +341,25 @@ fn in_background(work: impl Future<Output = ()> + Send + 'static) {
 }
 
 /// Reads `body` to its end if that takes at most [`DRAIN_LIMIT_BYTES`] and ends by
-/// `deadline`; otherwise drops it, which closes its connection.
-async fn drain(mut body: Incoming, deadline: tokio::time::Instant) {
+/// `deadline`, and tells whether it did; otherwise drops it, which closes its connection.
+async fn drain(mut body: Incoming, deadline: tokio::time::Instant) -> bool {
     use http_body_util::BodyExt;
     let mut read = 0;
     let reading = async {
-        while let Some(Ok(frame)) = body.frame().await {
-            read += frame.data_ref().map_or(0, Bytes::len);
-            if read > DRAIN_LIMIT_BYTES {
-                return;
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Ok(frame)) => {
+                    read += frame.data_ref().map_or(0, Bytes::len);
+                    if read > DRAIN_LIMIT_BYTES {
+                        return false;
+                    }
+                }
+                Some(Err(_)) => return false,
             }
         }
     };
-    let _ = tokio::time::timeout_at(deadline, reading).await;
+    tokio::time::timeout_at(deadline, reading)
+        .await
+        .unwrap_or(false)
 }

@@ -1,0 +1,537 @@
+//! The connections to one upstream, kept for reuse.
+//!
+//! A pool belongs to one upstream (scheme and authority; its TLS settings; h2c or not) and is
+//! made when a configuration is loaded, so a request reaches its pool through its route
+//! without a lookup. HTTP/1.1 connections wait in a stack (the most recently used first, so
+//! the fewest stay warm) while no request uses them; a request takes one, or opens one when
+//! the upstream's budget has a place, or waits for whichever comes first: a place or a
+//! connection given back. A connection is given back when its answer's body has ended, and
+//! ready again once hyper has read that end; one dropped mid-answer closes. An HTTP/2
+//! connection (agreed by ALPN, or h2c) is one per pool, shared by every request.
+//!
+//! A request that a reused connection closed under before it was written is sent again on
+//! another connection; one that was written is never sent twice.
+
+use super::body::ProxyBody;
+use super::upstream::Budget;
+use crate::BoxError;
+use http::uri::{Authority, Scheme};
+use http::{header, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::ServerName;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tower_service::Service;
+
+/// How long an idle upstream connection is kept for reuse.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle connections past [`POOL_IDLE_TIMEOUT`] are closed.
+const REAP_EVERY: Duration = Duration::from_secs(15);
+
+/// The connector every pool opens connections with: TCP (with `server.connect_timeout`), then
+/// TLS for `https://` upstreams with ALPN offering HTTP/2 and HTTP/1.1.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// Why a request did not get an answer's head from its upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened (TCP, TLS or the HTTP/2 handshake).
+    #[error("cannot connect to the upstream")]
+    Connect(#[source] BoxError),
+    /// The connection failed while the request was sent or its answer awaited.
+    #[error("the upstream connection failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+/// What sending a request gives: the answer, and the HTTP/1.1 connection it came on, to be
+/// given back once its body has ended.
+pub type Sent = (Response<Incoming>, Option<Pooled>);
+
+/// A request on its way to the upstream, until its answer's head.
+pub type Sending = Pin<Box<dyn Future<Output = Result<Sent, SendError>> + Send>>;
+
+/// The connections to one upstream.
+pub struct Pool {
+    /// `scheme://authority/`, what the connector is asked to reach.
+    target: Uri,
+    scheme: Scheme,
+    authority: Authority,
+    h2c: bool,
+    connector: Connector,
+    /// The upstream's budget; a connection holds one of its places while it is open.
+    budget: Arc<Budget>,
+    idle: Mutex<Vec<Idle>>,
+    /// The HTTP/2 connection, once there is one.
+    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    /// Held while an HTTP/2 connection is being opened, so that one is.
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// Told when a connection is given back.
+    returned: Notify,
+    reaping: AtomicBool,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// A connection a request holds.
+enum Conn {
+    H1 {
+        sender: http1::SendRequest<ProxyBody>,
+        reused: bool,
+    },
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+impl Pool {
+    /// Makes the pool of `scheme://authority`, opening connections with `connector` within
+    /// `budget`.
+    pub fn new(
+        scheme: Scheme,
+        authority: Authority,
+        h2c: bool,
+        connector: Connector,
+        budget: Arc<Budget>,
+    ) -> Pool {
+        let target = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a scheme and an authority make a URI");
+        Pool {
+            target,
+            scheme,
+            authority,
+            h2c,
+            connector,
+            budget,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            returned: Notify::new(),
+            reaping: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts the idle HTTP/1.1 connections.
+    pub fn idle_count(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) and waits for the
+    /// answer's head.
+    pub fn send(self: &Arc<Self>, request: Request<ProxyBody>) -> Sending {
+        let pool = self.clone();
+        Box::pin(async move { pool.exchange(request).await })
+    }
+
+    async fn exchange(self: Arc<Self>, mut request: Request<ProxyBody>) -> Result<Sent, SendError> {
+        loop {
+            let conn = match self.ready_h2() {
+                Some(h2) => Conn::H2(h2),
+                None => match self.take_idle() {
+                    Some(conn) => conn,
+                    None => self.connect_or_wait().await?,
+                },
+            };
+            match conn {
+                Conn::H1 { mut sender, reused } => {
+                    if sender.ready().await.is_err() {
+                        continue;
+                    }
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let pooled = Pooled {
+                                sender,
+                                pool: self.clone(),
+                            };
+                            return Ok((response, Some(pooled)));
+                        }
+                        Err(mut error) => match error.take_message() {
+                            // Not written: the connection closed first. Another one may take it.
+                            Some(unsent) if reused => request = unsent,
+                            _ => return Err(SendError::Exchange(error.into_error())),
+                        },
+                    }
+                }
+                Conn::H2(mut sender) => {
+                    self.to_h2(&mut request);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => return Ok((response, None)),
+                        Err(mut error) => {
+                            let unsent = error.take_message();
+                            let closed = sender.is_closed();
+                            if closed {
+                                self.forget_closed_h2();
+                            }
+                            match unsent {
+                                Some(unsent) if closed => request = unsent,
+                                _ => return Err(SendError::Exchange(error.into_error())),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the request the absolute target HTTP/2 needs; `:authority` stands for `Host`.
+    fn to_h2(&self, request: &mut Request<ProxyBody>) {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+        request.headers_mut().remove(header::HOST);
+    }
+
+    fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+        let h2 = lock(&self.h2);
+        h2.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn forget_closed_h2(&self) {
+        let mut h2 = lock(&self.h2);
+        if h2.as_ref().is_some_and(|s| s.is_closed()) {
+            *h2 = None;
+        }
+    }
+
+    /// Takes the most recently given back connection that is still open.
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = lock(&self.idle);
+        while let Some(entry) = idle.pop() {
+            if !entry.sender.is_closed() {
+                return Some(Conn::H1 {
+                    sender: entry.sender,
+                    reused: true,
+                });
+            }
+        }
+        None
+    }
+
+    fn give_back(self: &Arc<Self>, sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        lock(&self.idle).push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+        self.returned.notify_one();
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            spawn_reaper(Arc::downgrade(self));
+        }
+    }
+
+    /// Opens a connection when the budget has a place; otherwise waits for a place or for a
+    /// connection given back, whichever comes first (the caller bounds the wait).
+    async fn connect_or_wait(&self) -> Result<Conn, SendError> {
+        if self.h2c {
+            return self.connect_h2c().await;
+        }
+        loop {
+            let place = match self.budget.connection_place() {
+                Some(place) => place,
+                None => {
+                    let returned = self.returned.notified();
+                    tokio::pin!(returned);
+                    returned.as_mut().enable();
+                    if let Some(conn) = self.take_idle() {
+                        return Ok(conn);
+                    }
+                    tokio::select! {
+                        place = self.budget.wait_connection_place() => place,
+                        () = returned => continue,
+                    }
+                }
+            };
+            return self.connect(place).await;
+        }
+    }
+
+    /// Opens the one h2c connection, unless another request has just done so.
+    async fn connect_h2c(&self) -> Result<Conn, SendError> {
+        let _connecting = self.h2_connecting.lock().await;
+        if let Some(h2) = self.ready_h2() {
+            return Ok(Conn::H2(h2));
+        }
+        let place = self.budget.wait_connection_place().await;
+        self.connect(place).await
+    }
+
+    async fn connect(&self, place: OwnedSemaphorePermit) -> Result<Conn, SendError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.target.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let h2 = self.h2c || io.connected().is_negotiated_h2();
+        let io = super::upstream::Budgeted::new(io, place);
+        if h2 {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "an upstream HTTP/2 connection ended");
+                }
+            });
+            *lock(&self.h2) = Some(sender.clone());
+            Ok(Conn::H2(sender))
+        } else {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| SendError::Connect(e.into()))?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.with_upgrades().await {
+                    tracing::debug!(%error, "an upstream connection ended");
+                }
+            });
+            Ok(Conn::H1 {
+                sender,
+                reused: false,
+            })
+        }
+    }
+
+    /// Closes the idle connections given back longer than [`POOL_IDLE_TIMEOUT`] ago.
+    fn reap(&self, now: Instant) {
+        lock(&self.idle).retain(|entry| {
+            !entry.sender.is_closed() && now.duration_since(entry.since) < POOL_IDLE_TIMEOUT
+        });
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("upstream", &self.target)
+            .field("h2c", &self.h2c)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Closes a pool's expired idle connections until the pool is gone.
+fn spawn_reaper(pool: Weak<Pool>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut every = tokio::time::interval(REAP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            match pool.upgrade() {
+                Some(pool) => pool.reap(Instant::now()),
+                None => return,
+            }
+        }
+    });
+}
+
+/// An HTTP/1.1 connection that carried a request whose answer is still being read.
+pub struct Pooled {
+    sender: http1::SendRequest<ProxyBody>,
+    pool: Arc<Pool>,
+}
+
+impl Pooled {
+    /// Gives the connection back for reuse: its answer has been read to the end.
+    pub fn give_back(self) {
+        self.pool.give_back(self.sender);
+    }
+}
+
+impl std::fmt::Debug for Pooled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pooled").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Builds the connector: `tls` verifies `https://` upstreams (as `server_name`, if given,
+/// instead of the host); TCP connects give up after `connect_timeout`.
+pub fn connector(
+    tls: rustls::ClientConfig,
+    server_name: Option<&str>,
+    connect_timeout: Duration,
+) -> Connector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let builder = match server_name.and_then(|n| ServerName::try_from(n.to_owned()).ok()) {
+        Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
+        None => builder,
+    };
+    builder.enable_all_versions().wrap_connector(http)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// An upstream that answers every request `200 ok` with keep-alive, and closes each
+    /// connection `close_after` after its first answer if that is given, without saying so.
+    /// Returns its address and the count of connections it accepted.
+    async fn upstream(close_after: Option<Duration>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    loop {
+                        let mut head = Vec::new();
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match tcp.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if let Some(after) = close_after {
+                            tokio::time::sleep(after).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool_for(addr: std::net::SocketAddr) -> Arc<Pool> {
+        let budget = super::super::upstream::Budgets::new([(String::new(), 4)])
+            .get("")
+            .unwrap();
+        Arc::new(Pool::new(
+            Scheme::HTTP,
+            addr.to_string().parse().unwrap(),
+            false,
+            connector(
+                crate::tls::client_config(false, None).unwrap(),
+                None,
+                Duration::from_secs(1),
+            ),
+            budget,
+        ))
+    }
+
+    async fn get(pool: &Arc<Pool>) -> Option<Pooled> {
+        let request = Request::builder()
+            .uri("/")
+            .header(header::HOST, "upstream")
+            .body(ProxyBody::full(""))
+            .unwrap();
+        let (response, conn) = pool.send(request).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        conn
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_is_reused_and_closed_once_idle_too_long() {
+        let (addr, accepted) = upstream(None).await;
+        let pool = pool_for(addr);
+        for _ in 0..5 {
+            get(&pool)
+                .await
+                .expect("an HTTP/1.1 connection")
+                .give_back();
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        pool.reap(Instant::now() + POOL_IDLE_TIMEOUT - Duration::from_secs(1));
+        assert_eq!(pool.idle_count(), 1, "reaped before its time");
+        pool.reap(Instant::now() + POOL_IDLE_TIMEOUT);
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_not_given_back_is_not_reused() {
+        let (addr, accepted) = upstream(None).await;
+        let pool = pool_for(addr);
+        drop(get(&pool).await);
+        drop(get(&pool).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_passed_over() {
+        let (addr, accepted) = upstream(Some(Duration::from_millis(20))).await;
+        let pool = pool_for(addr);
+        for round in 1..=3 {
+            get(&pool)
+                .await
+                .expect("an HTTP/1.1 connection")
+                .give_back();
+            // The upstream closes the connection; the pool notices it before the next request.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), round);
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_stay_within_the_budget_and_a_waiting_request_takes_one_given_back() {
+        let (addr, accepted) = upstream(None).await;
+        let pool = pool_for(addr);
+        // The budget (4) is spent by connections whose answers are still held.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(get(&pool).await.expect("an HTTP/1.1 connection"));
+        }
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { get(&pool).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a fifth connection was opened");
+        held.pop().unwrap().give_back();
+        let conn = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting request took the connection given back")
+            .unwrap();
+        assert!(conn.is_some());
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+}
