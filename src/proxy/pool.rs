@@ -90,7 +90,10 @@ enum Conn {
         sender: http1::SendRequest<ProxyBody>,
         reused: bool,
     },
-    H2(http2::SendRequest<ProxyBody>),
+    H2 {
+        sender: http2::SendRequest<ProxyBody>,
+        reused: bool,
+    },
 }
 
 impl Pool {
@@ -124,11 +127,6 @@ impl Pool {
         }
     }
 
-    /// Counts the idle HTTP/1.1 connections.
-    pub fn idle_count(&self) -> usize {
-        lock(&self.idle).len()
-    }
-
     /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) and waits for the
     /// answer's head.
     pub fn send(self: &Arc<Self>, request: Request<ProxyBody>) -> Sending {
@@ -139,7 +137,10 @@ impl Pool {
     async fn exchange(self: Arc<Self>, mut request: Request<ProxyBody>) -> Result<Sent, SendError> {
         loop {
             let conn = match self.ready_h2() {
-                Some(h2) => Conn::H2(h2),
+                Some(sender) => Conn::H2 {
+                    sender,
+                    reused: true,
+                },
                 None => match self.take_idle() {
                     Some(conn) => conn,
                     None => self.connect_or_wait().await?,
@@ -147,8 +148,13 @@ impl Pool {
             };
             match conn {
                 Conn::H1 { mut sender, reused } => {
-                    if sender.ready().await.is_err() {
-                        continue;
+                    if let Err(error) = sender.ready().await {
+                        // A reused connection may have closed meanwhile; a new one that
+                        // cannot take a request is the upstream's answer, not retried.
+                        if reused {
+                            continue;
+                        }
+                        return Err(SendError::Exchange(error));
                     }
                     match sender.try_send_request(request).await {
                         Ok(response) => {
@@ -165,7 +171,7 @@ impl Pool {
                         },
                     }
                 }
-                Conn::H2(mut sender) => {
+                Conn::H2 { mut sender, reused } => {
                     self.to_h2(&mut request);
                     match sender.try_send_request(request).await {
                         Ok(response) => return Ok((response, None)),
@@ -176,7 +182,7 @@ impl Pool {
                                 self.forget_closed_h2();
                             }
                             match unsent {
-                                Some(unsent) if closed => request = unsent,
+                                Some(unsent) if closed && reused => request = unsent,
                                 _ => return Err(SendError::Exchange(error.into_error())),
                             }
                         }
@@ -233,7 +239,8 @@ impl Pool {
             since: Instant::now(),
         });
         self.returned.notify_one();
-        if !self.reaping.swap(true, Ordering::Relaxed) {
+        // Read first: a swap on every request would write the shared line each time.
+        if !self.reaping.load(Ordering::Relaxed) && !self.reaping.swap(true, Ordering::Relaxed) {
             spawn_reaper(Arc::downgrade(self));
         }
     }
@@ -267,8 +274,11 @@ impl Pool {
     /// Opens the one h2c connection, unless another request has just done so.
     async fn connect_h2c(&self) -> Result<Conn, SendError> {
         let _connecting = self.h2_connecting.lock().await;
-        if let Some(h2) = self.ready_h2() {
-            return Ok(Conn::H2(h2));
+        if let Some(sender) = self.ready_h2() {
+            return Ok(Conn::H2 {
+                sender,
+                reused: true,
+            });
         }
         let place = self.budget.wait_connection_place().await;
         self.connect(place).await
@@ -295,7 +305,10 @@ impl Pool {
                 }
             });
             *lock(&self.h2) = Some(sender.clone());
-            Ok(Conn::H2(sender))
+            Ok(Conn::H2 {
+                sender,
+                reused: false,
+            })
         } else {
             let (sender, connection) = http1::Builder::new()
                 .handshake(io)
@@ -437,6 +450,10 @@ mod tests {
         (addr, accepted)
     }
 
+    fn idle_count(pool: &Pool) -> usize {
+        lock(&pool.idle).len()
+    }
+
     fn pool_for(addr: std::net::SocketAddr) -> Arc<Pool> {
         let budget = super::super::upstream::Budgets::new([(String::new(), 4)])
             .get("")
@@ -476,14 +493,14 @@ mod tests {
                 .await
                 .expect("an HTTP/1.1 connection")
                 .give_back();
-            assert_eq!(pool.idle_count(), 1);
+            assert_eq!(idle_count(&pool), 1);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
         pool.reap(Instant::now() + POOL_IDLE_TIMEOUT - Duration::from_secs(1));
-        assert_eq!(pool.idle_count(), 1, "reaped before its time");
+        assert_eq!(idle_count(&pool), 1, "reaped before its time");
         pool.reap(Instant::now() + POOL_IDLE_TIMEOUT);
-        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(idle_count(&pool), 0);
     }
 
     #[tokio::test]
@@ -493,7 +510,7 @@ mod tests {
         drop(get(&pool).await);
         drop(get(&pool).await);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(idle_count(&pool), 0);
     }
 
     #[tokio::test]
@@ -509,6 +526,32 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             assert_eq!(accepted.load(Ordering::SeqCst), round);
         }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_closes_every_new_connection_gets_one_attempt_per_request() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(tcp);
+            }
+        });
+        let pool = pool_for(addr);
+        let request = Request::builder()
+            .uri("/")
+            .header(header::HOST, "upstream")
+            .body(ProxyBody::full(""))
+            .unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(request))
+            .await
+            .expect("the failure is reported, not retried until the caller gives up");
+        assert!(sent.is_err());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
