@@ -10,6 +10,7 @@
 
 pub mod conn;
 pub mod goaway;
+pub mod side;
 pub mod transport;
 pub mod watchdog;
 pub mod worker;
@@ -24,7 +25,10 @@ use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use side::SideWaker;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -234,6 +238,15 @@ type Connection<S> = auto::UpgradeableConnection<'static, TokioIo<ClientSocket>,
 /// How long a connection told to calm down may take to go.
 const CALM_CLOSE: Duration = Duration::from_secs(1);
 
+/// What woke a connection's driver.
+enum Event {
+    /// The connection ended, with an error or not.
+    Ended(Option<BoxError>),
+    Shutdown,
+    Calm,
+    Timer,
+}
+
 /// Drives one connection under its watchdog until it ends, is ended, or shutdown has
 /// waited `grace` for it.
 async fn drive<S, B>(
@@ -257,20 +270,51 @@ async fn drive<S, B>(
     let mut next = Instant::now();
     // Once a graceful close has begun: when the connection is dropped regardless.
     let mut closing: Option<Instant> = None;
+    let side = SideWaker::new();
+    let mut shutdown_signal = std::pin::pin!(shutdown.wait());
+    let mut calm = std::pin::pin!(client.calm_requested());
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(next));
     loop {
         let wake = closing.map_or(next, |deadline| deadline.min(next));
-        tokio::select! {
-            ended = connection.as_mut() => {
-                if let Err(error) = ended {
+        if timer.deadline() != wake {
+            timer.as_mut().reset(wake);
+            side.raise();
+        }
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(ended.err()));
+            }
+            let Some(mut side_cx) = side.woken(cx) else {
+                return Poll::Pending;
+            };
+            let event =
+                if closing.is_none() && shutdown_signal.as_mut().poll(&mut side_cx).is_ready() {
+                    Event::Shutdown
+                } else if calm.as_mut().poll(&mut side_cx).is_ready() {
+                    Event::Calm
+                } else if timer.as_mut().poll(&mut side_cx).is_ready() {
+                    Event::Timer
+                } else {
+                    return Poll::Pending;
+                };
+            // The others were not looked at: they are, next time.
+            side.raise();
+            Poll::Ready(event)
+        })
+        .await;
+        match event {
+            Event::Ended(error) => {
+                if let Some(error) = error {
                     tracing::debug!(%peer, %error, "connection ended with an error");
                 }
                 return;
             }
-            _ = shutdown.wait(), if closing.is_none() => {
+            Event::Shutdown => {
                 connection.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + grace);
             }
-            () = client.calm_requested() => {
+            Event::Calm => {
+                calm.set(client.calm_requested());
                 let budget = client.cancel_budget();
                 tracing::warn!(
                     %peer, cancelled = budget.max + 1, window_s = budget.window.as_secs_f32(),
@@ -282,7 +326,7 @@ async fn drive<S, B>(
                 let deadline = Instant::now() + CALM_CLOSE;
                 closing = Some(closing.map_or(deadline, |c| c.min(deadline)));
             }
-            _ = tokio::time::sleep_until(wake) => {
+            Event::Timer => {
                 let now = Instant::now();
                 if closing.is_some_and(|deadline| now >= deadline) {
                     tracing::debug!(%peer, "connection dropped: it did not close in time");
