@@ -270,7 +270,7 @@ async fn drive<S, B>(
     let mut next = Instant::now();
     // Once a graceful close has begun: when the connection is dropped regardless.
     let mut closing: Option<Instant> = None;
-    let side = SideWaker::new();
+    let side = SideWaker::default();
     let mut shutdown_signal = std::pin::pin!(shutdown.wait());
     let mut calm = std::pin::pin!(client.calm_requested());
     let mut timer = std::pin::pin!(tokio::time::sleep_until(next));

@@ -31,9 +31,9 @@ impl Wake for Flag {
     }
 }
 
-impl SideWaker {
+impl Default for SideWaker {
     /// Creates the waker, raised: the signals are polled at the first chance.
-    pub fn new() -> SideWaker {
+    fn default() -> SideWaker {
         let flag = Arc::new(Flag {
             raised: AtomicBool::new(true),
             task: AtomicWaker::new(),
@@ -43,7 +43,9 @@ impl SideWaker {
             flag,
         }
     }
+}
 
+impl SideWaker {
     /// Has the signals polled at the next chance (one was replaced, or another may have
     /// fired while the first was handled).
     pub fn raise(&self) {
@@ -70,7 +72,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_signal_is_polled_only_after_it_woke_the_task() {
-        let side = SideWaker::new();
+        let side = SideWaker::default();
         let notify = tokio::sync::Notify::new();
         let mut notified = std::pin::pin!(notify.notified());
         let mut polls = 0;
