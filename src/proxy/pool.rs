@@ -143,7 +143,9 @@ impl Pool {
                 },
                 None => match self.take_idle() {
                     Some(conn) => conn,
-                    None => self.connect_or_wait().await?,
+                    // Boxed: connecting (TCP, TLS, a handshake) is rare and would make every
+                    // request's future several kilobytes.
+                    None => Box::pin(self.connect_or_wait()).await?,
                 },
             };
             match conn {
