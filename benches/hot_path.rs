@@ -68,6 +68,20 @@ fn profile_hot_spots(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
+    // A client that closes after each request (`Connection: close`).
+    let mut closing = plain.clone();
+    closing.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    c.bench_function("hot_path/remove_hop_by_hop_connection_close", |b| {
+        b.iter_batched_ref(
+            || closing.clone(),
+            remove_hop_by_hop,
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("hot_path/client_address", |b| {
+        let ip: std::net::IpAddr = "192.0.2.117".parse().unwrap();
+        b.iter(|| ClientAddress::new(ip, &[]))
+    });
     let uri: http::Uri = "http://127.0.0.1:8080/v1/graphql?x=1".parse().unwrap();
     c.bench_function("hot_path/replay_head_copy", |b| {
         b.iter(|| (plain.clone(), uri.clone(), http::Method::POST))

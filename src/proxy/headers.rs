@@ -1,12 +1,13 @@
 //! Header and query rewriting between client and upstream.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use std::net::IpAddr;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// proxy credentials of RFC 9110 §11.7, which are meant for this hop only.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -17,26 +18,51 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+const HOP_COUNT: usize = 8;
+
 /// Removes hop-by-hop headers, including every header that `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names instead of a lookup of each.
-    let any = headers
-        .keys()
-        .any(|name| HOP_BY_HOP.contains(name) || name == header::PROXY_AUTHENTICATE);
-    if !any {
+    // Most messages carry none: one pass over the names instead of a lookup of each, and
+    // then only those present are removed.
+    let mut present = [false; HOP_COUNT + 1];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == header::PROXY_AUTHENTICATE {
+            present[HOP_COUNT] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // `Connection` first (index 0): the names it lists are removed by reference to its
+    // values, taken out of the map (a clone of each is a reference count).
+    if present[0] {
+        let values: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        headers.remove(header::CONNECTION);
+        for name in values
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+        {
+            let name = name.trim();
+            if !name.is_empty() {
+                headers.remove(name);
+            }
+        }
     }
-    headers.remove(header::PROXY_AUTHENTICATE);
+    for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present[i] {
+            headers.remove(name);
+        }
+    }
+    if present[HOP_COUNT] {
+        headers.remove(header::PROXY_AUTHENTICATE);
+    }
 }
 
 /// Appends `?query` to `out` without any `access_token` parameter (Mosaic answers 400 when a
@@ -75,16 +101,29 @@ impl ClientAddress {
     /// Describes the client at `ip`, trusted if it is in `trusted_proxies`.
     pub fn new(ip: IpAddr, trusted_proxies: &[IpNet]) -> ClientAddress {
         let ip = ip.to_canonical();
-        let ip_value = HeaderValue::try_from(ip.to_string()).expect("an address is a header value");
-        let forwarded = match ip {
-            IpAddr::V4(v4) => format!("for={v4};proto=http"),
-            IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=http"),
+        // One buffer for both values (a connection of its own per request is common): the
+        // address is a slice of `Forwarded`'s.
+        let mut forwarded = Vec::with_capacity(64);
+        let address = match ip {
+            IpAddr::V4(v4) => {
+                forwarded.extend_from_slice(b"for=");
+                push_ipv4(&mut forwarded, v4);
+                4..forwarded.len()
+            }
+            IpAddr::V6(v6) => {
+                forwarded.extend_from_slice(format!("for=\"[{v6}]\"").as_bytes());
+                6..forwarded.len() - 2
+            }
         };
+        forwarded.extend_from_slice(b";proto=http");
+        let forwarded = Bytes::from(forwarded);
+        let value =
+            |bytes| HeaderValue::from_maybe_shared(bytes).expect("an address is a header value");
         ClientAddress {
             ip,
             trusted: trusted_proxies.iter().any(|net| net.contains(&ip)),
-            ip_value,
-            forwarded: HeaderValue::try_from(forwarded).expect("an address is a header value"),
+            ip_value: value(forwarded.slice(address)),
+            forwarded: value(forwarded),
         }
     }
 
@@ -120,6 +159,22 @@ impl ClientAddress {
     /// Returns the client's address.
     pub fn ip(&self) -> IpAddr {
         self.ip
+    }
+}
+
+/// Writes `ip` in dotted decimal (what its `Display` writes, without the formatting machinery).
+fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        if octet >= 100 {
+            out.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            out.push(b'0' + octet / 10 % 10);
+        }
+        out.push(b'0' + octet % 10);
     }
 }
 
@@ -189,6 +244,9 @@ mod tests {
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
         h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        h.append("connection", HeaderValue::from_static("x-second-hop"));
+        h.insert("x-second-hop", HeaderValue::from_static("2"));
+        h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
@@ -229,6 +287,27 @@ mod tests {
         assert_eq!(h["x-real-ip"], "::1");
         let mapped = ClientAddress::new("::ffff:10.1.2.3".parse().unwrap(), &nets);
         assert!(mapped.trusted, "an IPv4-mapped address is judged as IPv4");
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "100.199.250.255",
+            "127.0.0.1",
+        ] {
+            let address = ClientAddress::new(ip.parse().unwrap(), &[]);
+            assert_eq!(address.ip_value, ip);
+            assert_eq!(address.forwarded, format!("for={ip};proto=http").as_str());
+        }
+        let address = ClientAddress::new("2001:db8::7".parse().unwrap(), &[]);
+        assert_eq!(address.ip_value, "2001:db8::7");
+        assert_eq!(address.forwarded, "for=\"[2001:db8::7]\";proto=http");
+        // An IPv4 client on an IPv6 socket is named as IPv4.
+        let address = ClientAddress::new("::ffff:192.0.2.7".parse().unwrap(), &[]);
+        assert_eq!(address.ip_value, "192.0.2.7");
     }
 
     #[test]
