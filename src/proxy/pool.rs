@@ -130,8 +130,7 @@ impl Pool {
     /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) and waits for the
     /// answer's head.
     pub fn send(self: &Arc<Self>, request: Request<ProxyBody>) -> Sending {
-        let pool = self.clone();
-        Box::pin(async move { pool.exchange(request).await })
+        Box::pin(Arc::clone(self).exchange(request))
     }
 
     async fn exchange(self: Arc<Self>, mut request: Request<ProxyBody>) -> Result<Sent, SendError> {
