@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use side::SideWaker;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -193,9 +194,13 @@ where
             let service = Counted::new(make(&client), client.clone());
             let switch = Arc::new(CalmSwitch::default());
             let socket = ClientSocket::new(transport, switch.clone());
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(socket), service)
-                .into_owned();
+            // Boxed: hyper's connection is about 3 KB, and the task's future, moved on every
+            // change of the task's stage, is kept small.
+            let connection = Box::pin(
+                builder
+                    .serve_connection_with_upgrades(TokioIo::new(socket), service)
+                    .into_owned(),
+            );
             drive(connection, client, switch, timeouts, accepted).await;
         });
     }
@@ -250,7 +255,7 @@ enum Event {
 /// Drives one connection under its watchdog until it ends, is ended, or shutdown has
 /// waited `grace` for it.
 async fn drive<S, B>(
-    connection: Connection<Counted<S>>,
+    mut connection: Pin<Box<Connection<Counted<S>>>>,
     client: Arc<ClientConn>,
     switch: Arc<CalmSwitch>,
     timeouts: Timeouts,
@@ -265,7 +270,6 @@ async fn drive<S, B>(
 {
     let peer = client.peer();
     let (mut shutdown, grace) = (client.draining.shutdown.clone(), client.draining.grace);
-    let mut connection = std::pin::pin!(connection);
     let mut watchdog = Watchdog::new(timeouts, accepted);
     let mut next = Instant::now();
     // Once a graceful close has begun: when the connection is dropped regardless.
