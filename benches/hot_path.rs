@@ -82,6 +82,26 @@ fn profile_hot_spots(c: &mut Criterion) {
         let ip: std::net::IpAddr = "192.0.2.117".parse().unwrap();
         b.iter(|| ClientAddress::new(ip, &[]))
     });
+    // The first request of a new connection: its map as large as its two headers (what a
+    // client closing after each request sends), so each added header could grow it.
+    let host = HeaderValue::from_static("proxy.internal:8080");
+    let client = ClientAddress::new("192.0.2.117".parse().unwrap(), &[]);
+    c.bench_function("hot_path/forwarding_headers_new_connection", |b| {
+        b.iter_batched(
+            || {
+                let mut fresh = HeaderMap::with_capacity(2);
+                fresh.insert(header::HOST, host.clone());
+                fresh.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                fresh
+            },
+            |mut headers| {
+                client.set_forwarding_headers(&mut headers, Some(host.clone()));
+                headers.insert(header::AUTHORIZATION, host.clone());
+                headers
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
     let uri: http::Uri = "http://127.0.0.1:8080/v1/graphql?x=1".parse().unwrap();
     c.bench_function("hot_path/replay_head_copy", |b| {
         b.iter(|| (plain.clone(), uri.clone(), http::Method::POST))

@@ -84,6 +84,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// The headers a forwarded request gains: the five forwarding ones and `Authorization`.
+const ADDED_HEADERS: usize = 6;
 
 /// The client of a connection as the forwarding headers name it, made once per connection.
 #[derive(Clone, Debug)]
@@ -128,8 +130,11 @@ impl ClientAddress {
     }
 
     /// Sets the forwarding headers of a request from this client to `host`: the client's own
-    /// are replaced, or, from a trusted proxy, extended.
+    /// are replaced, or, from a trusted proxy, extended. Makes room for the token as well.
     pub fn set_forwarding_headers(&self, headers: &mut HeaderMap, host: Option<HeaderValue>) {
+        // Room for every added header at once: a new connection's first map is only as large
+        // as its request, and would grow (a reallocation and a rehash) several times.
+        headers.reserve(ADDED_HEADERS);
         if !self.trusted {
             headers.insert(X_FORWARDED_FOR, self.ip_value.clone());
             headers.insert(X_REAL_IP, self.ip_value.clone());

@@ -479,10 +479,6 @@ impl Proxy {
     }
 }
 
-/// The headers the proxy adds to every request: `X-Forwarded-For`, `X-Real-IP`,
-/// `Forwarded`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Authorization`.
-const ADDED_HEADERS: usize = 6;
-
 /// The route label of requests no route took.
 pub const UNROUTED: &str = "(none)";
 
@@ -515,9 +511,6 @@ fn rewrite(
     parts.uri = Uri::from(path_and_query);
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
-    // Room for the forwarding headers and the token at once: a new connection's first map
-    // is only as large as its request, and would grow once for every other header.
-    headers.reserve(ADDED_HEADERS);
     match &route.host_header {
         Some(host) => headers.insert(header::HOST, host.clone()),
         None => headers.remove(header::HOST),
