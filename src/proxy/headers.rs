@@ -226,12 +226,27 @@ pub fn is_valid_host(value: &[u8]) -> bool {
         Some(_) => false,
     };
     let name_ok = host.first() == Some(&b'[')
-        || (!host.is_empty()
-            && host
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)));
+        || (!host.is_empty() && host.iter().all(|&b| REG_NAME[usize::from(b)]));
     port_ok && name_ok
 }
+
+/// The bytes a registered name may hold: unreserved, sub-delims and `%` (RFC 3986 §3.2.2),
+/// as a table, since every request's `Host` is checked.
+const REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let others = b"-._~%!$&'()*+,;=";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {
@@ -324,6 +339,7 @@ mod tests {
             "[::1]",
             "127.0.0.1",
             "x:",
+            "a-b_c~d%41!$&'()*+,;=.example",
         ] {
             assert!(is_valid_host(good.as_bytes()), "{good}");
         }
@@ -338,6 +354,10 @@ mod tests {
             "a:x",
             ":80",
             "a?b",
+            "a\"b",
+            "a<b",
+            "a\u{7f}b",
+            "\u{e9}.example",
         ] {
             assert!(!is_valid_host(bad.as_bytes()), "{bad}");
         }
