@@ -6,7 +6,8 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// proxy credentials of RFC 9110 §11.7, which are meant for this hop only.
+/// proxy credentials and challenges of RFC 9110 §11.7, which are meant for this hop only.
+/// `Connection` comes first: the names it lists go too.
 const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
@@ -16,20 +17,18 @@ const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
-
-const HOP_COUNT: usize = 8;
+const HOP_COUNT: usize = 9;
 
 /// Removes hop-by-hop headers, including every header that `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names instead of a lookup of each, and
     // then only those present are removed.
-    let mut present = [false; HOP_COUNT + 1];
+    let mut present = [false; HOP_COUNT];
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
-        } else if name == header::PROXY_AUTHENTICATE {
-            present[HOP_COUNT] = true;
         }
     }
     if !present.contains(&true) {
@@ -59,9 +58,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         if present[i] {
             headers.remove(name);
         }
-    }
-    if present[HOP_COUNT] {
-        headers.remove(header::PROXY_AUTHENTICATE);
     }
 }
 

@@ -412,43 +412,54 @@ mod tests {
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
-    /// An upstream that answers every request `200 ok` with keep-alive, and closes each
-    /// connection `close_after` after its first answer if that is given, without saying so.
-    /// Returns its address and the count of connections it accepted.
-    async fn upstream(close_after: Option<Duration>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    /// A listener on loopback that counts the connections it accepts and hands each to
+    /// `serve` in a task of its own. Returns its address and the count.
+    async fn counting_listener<F, Fut>(serve: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counted = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
+                let (tcp, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0; 4096];
-                    loop {
-                        let mut head = Vec::new();
-                        while !head.ends_with(b"\r\n\r\n") {
-                            match tcp.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => head.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if tcp.write_all(answer).await.is_err() {
-                            return;
-                        }
-                        if let Some(after) = close_after {
-                            tokio::time::sleep(after).await;
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve(tcp));
             }
         });
         (addr, accepted)
+    }
+
+    /// An upstream that answers every request `200 ok` with keep-alive, and closes each
+    /// connection `close_after` after its first answer if that is given, without saying so.
+    /// Returns its address and the count of connections it accepted.
+    async fn upstream(close_after: Option<Duration>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        counting_listener(move |mut tcp| async move {
+            let mut buf = vec![0; 4096];
+            loop {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if tcp.write_all(answer).await.is_err() {
+                    return;
+                }
+                if let Some(after) = close_after {
+                    tokio::time::sleep(after).await;
+                    return;
+                }
+            }
+        })
+        .await
     }
 
     fn idle_count(pool: &Pool) -> usize {
@@ -531,17 +542,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_that_closes_every_new_connection_gets_one_attempt_per_request() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, Ordering::SeqCst);
-                drop(tcp);
-            }
-        });
+        let (addr, accepted) = counting_listener(|tcp| async move { drop(tcp) }).await;
         let pool = pool_for(addr);
         let request = Request::builder()
             .uri("/")

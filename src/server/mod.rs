@@ -271,10 +271,9 @@ async fn drive<S, B>(
     let peer = client.peer();
     let (mut shutdown, grace) = (client.draining.shutdown.clone(), client.draining.grace);
     let mut watchdog = Watchdog::new(timeouts, accepted);
-    // What the watchdog says of a connection that has sent nothing yet: set at once rather
-    // than asked for by a timer firing now, which took a turn of the loop and made tokio wake
-    // its driver (a write to its eventfd) for every new connection.
-    let mut next = accepted + timeouts.header;
+    // Not a timer firing now to ask: that took a turn of the loop and made tokio wake its
+    // driver (a write to its eventfd) for every new connection.
+    let mut next = watchdog.first_check();
     // Once a graceful close has begun: when the connection is dropped regardless.
     let mut closing: Option<Instant> = None;
     let side = SideWaker::default();

@@ -80,11 +80,17 @@ impl Watchdog {
         }
     }
 
+    /// The first instant worth a look: until then a connection that has sent nothing yet is
+    /// within its header timeout.
+    pub fn first_check(&self) -> Instant {
+        self.accepted + self.timeouts.header
+    }
+
     /// Judges the connection as `seen` at `now`.
     pub fn check(&mut self, seen: Snapshot, now: Instant) -> Verdict {
         let t = self.timeouts;
         if seen.requests == 0 {
-            let deadline = self.accepted + t.header;
+            let deadline = self.first_check();
             return if now >= deadline {
                 Verdict::Drop(Reason::NoRequest)
             } else {
@@ -159,6 +165,7 @@ mod tests {
     fn a_connection_that_sends_no_request_is_dropped_at_the_header_timeout_from_accept() {
         let t0 = Instant::now();
         let mut w = Watchdog::new(T, t0);
+        assert_eq!(w.first_check(), t0 + s(10));
         assert_eq!(w.check(snap(0, 0, 0, 0), t0), Verdict::CheckAt(t0 + s(10)));
         assert_eq!(
             w.check(snap(0, 0, 0, 0), t0 + s(9)),
