@@ -6,6 +6,7 @@
 #   benches/compare.sh                 # 3 rounds x 5 s per scenario (about 3 minutes)
 #   QUICK=1 benches/compare.sh         # 1 round x 2 s: a smoke test, not a verdict
 #   ROUNDS=5 DUR=10 SCENARIOS="small h2" PROXIES="ours nginx" benches/compare.sh
+#   BIN=path/to/mosaic-auth-proxy benches/compare.sh   # that binary instead of a release build
 #
 # Needs wrk and h2load (apt-get install wrk nghttp2-client); nginx and haproxy are compared
 # when installed (apt-get install nginx haproxy). Each proxy runs alone on CPU 1 with one
@@ -38,8 +39,10 @@ for p in $PROXIES; do
   esac
 done
 
-cargo build --release --locked --quiet
-BIN=$PWD/target/release/mosaic-auth-proxy
+if [[ -z ${BIN:-} ]]; then
+  cargo build --release --locked --quiet
+  BIN=$PWD/target/release/mosaic-auth-proxy
+fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
 PIDS=()
 cleanup() {
