@@ -10,7 +10,7 @@ pub use live::{Live, ReloadError, ReloadReport, Source};
 use crate::config::{Config, ConnectionLimits, ListenAddress};
 use crate::identity::Account;
 use crate::proxy::{Proxy, ProxyService};
-use crate::server::transport::Listener;
+use crate::server::transport::{self, Listener};
 use crate::server::{connection_slots, derived_max_connections, serve, worker, TlsConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
@@ -126,7 +126,7 @@ impl App {
         let listeners = worker::bind(config.server.listen, config.server.workers).map_err(bound)?;
         let local_addr = listeners[0].local_addr().map_err(bound)?;
         let admin = match config.server.admin_listen {
-            Some(addr) => Some(bind(addr).await?),
+            Some(addr) => Some(bind(addr)?),
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
@@ -389,7 +389,7 @@ fn serving_tls(
 /// (a socket file left by an earlier run is replaced).
 async fn bind_listener(address: &ListenAddress) -> Result<Listener, StartError> {
     match address {
-        ListenAddress::Tcp(addr) => Ok(Listener::Tcp(bind(*addr).await?)),
+        ListenAddress::Tcp(addr) => Ok(Listener::Tcp(bind(*addr)?)),
         ListenAddress::Unix { path, mode } => {
             use std::os::unix::fs::{FileTypeExt, PermissionsExt};
             let problem = |source| StartError::BindSocket {
@@ -407,9 +407,13 @@ async fn bind_listener(address: &ListenAddress) -> Result<Listener, StartError> 
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let socket = transport::listen_socket(addr);
+    socket
+        .and_then(|socket| {
+            socket.bind(addr)?;
+            socket.listen(transport::BACKLOG)
+        })
         .map_err(|source| StartError::Bind { addr, source })
 }
 

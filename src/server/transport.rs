@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::server::TlsStream;
 
 /// A client connection's transport.
@@ -28,6 +28,22 @@ pub enum Accepted {
     Unix(UnixStream),
 }
 
+/// The connections a listening socket queues before they are accepted.
+pub const BACKLOG: u32 = 1024;
+
+/// A socket for a TCP listener on `addr`, not yet bound: address reuse, and `TCP_NODELAY`,
+/// which Linux hands on to every connection the listener accepts (a system call less per
+/// connection than setting it on each).
+pub fn listen_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
+}
+
 /// Clients on a Unix socket are on this machine: they count as loopback.
 pub const UNIX_PEER: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
@@ -38,6 +54,8 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
+                // Inherited from the listening socket on Linux (`listen_socket`).
+                #[cfg(not(target_os = "linux"))]
                 let _ = stream.set_nodelay(true);
                 Ok((Accepted::Tcp(stream), peer))
             }
@@ -109,6 +127,36 @@ impl AsyncWrite for Transport {
             Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Transport::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_set() {
+        for listener in [
+            crate::server::worker::bind("127.0.0.1:0".parse().unwrap(), 1)
+                .unwrap()
+                .pop()
+                .unwrap(),
+            {
+                let socket = listen_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+                socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                socket.listen(BACKLOG).unwrap().into_std().unwrap()
+            },
+        ] {
+            let listener = Listener::Tcp(TcpListener::from_std(listener).unwrap());
+            let Listener::Tcp(tcp) = &listener else {
+                unreachable!()
+            };
+            let _client = TcpStream::connect(tcp.local_addr().unwrap()).await.unwrap();
+            let (Accepted::Tcp(stream), _) = listener.accept().await.unwrap() else {
+                panic!("a TCP listener accepted something else");
+            };
+            assert!(stream.nodelay().unwrap());
         }
     }
 }

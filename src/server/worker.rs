@@ -3,13 +3,11 @@
 //! address, so the kernel spreads connections over them and a request never leaves the
 //! thread that accepted it (no work stealing). The upstream connection pools are shared.
 
+use super::transport::{listen_socket, BACKLOG};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
-
-/// The connections a listening socket queues before they are accepted.
-const BACKLOG: u32 = 1024;
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT` (port 0: the port the first one
 /// got), for the workers to serve; they are registered with a runtime only in their worker.
@@ -18,11 +16,7 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     let mut addr = addr;
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
-        let socket = match addr {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        socket.set_reuseaddr(true)?;
+        let socket = listen_socket(addr)?;
         socket.set_reuseport(true)?;
         socket.bind(addr)?;
         addr = socket.local_addr()?;
