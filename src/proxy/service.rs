@@ -61,6 +61,17 @@ struct Picked<'a> {
     forwarded_host: Option<HeaderValue>,
 }
 
+/// A request as it goes upstream, and what its answer needs of it.
+struct Outbound<'a> {
+    route: &'a Route,
+    request: Request<ProxyBody>,
+    /// The token header it carries.
+    sent: HeaderValue,
+    replay: Option<Replay<'a>>,
+    /// The client's side of an allowed upgrade, and the protocol asked for.
+    upgrade: Option<(OnUpgrade, HeaderValue)>,
+}
+
 /// How a request body travels: decided at once, or to be read and kept first.
 enum Kept<'a> {
     /// Streamed (or empty); `true` if the request can be replayed from its head alone.
@@ -183,6 +194,55 @@ impl Proxy {
         client: &ProxyService,
         record: &mut Record,
     ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
+        // The client's request ends in `outbound`: it takes no room in this future while the
+        // upstream answers.
+        let Outbound {
+            route,
+            request,
+            sent,
+            replay,
+            upgrade,
+        } = self.outbound(request, client, record).await?;
+
+        // Forward.
+        let response = self.forward(route, request, client).await?;
+        if let Some((on_upgrade, asked)) = upgrade {
+            let tunnel = TunnelParts {
+                account: route.account.clone(),
+                sent,
+                conn: client.0.conn.clone(),
+                idle_timeout: self.tunnel_idle_timeout,
+            };
+            let response = upgrade::tunnel(response, on_upgrade, &asked, tunnel);
+            return Ok((response, route));
+        }
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ProxyError::UpstreamSwitched);
+        }
+
+        // Response filter.
+        let mut response = match inspect(response).await? {
+            Inspected::Pass(response) => response,
+            Inspected::Rejected(original, code) => {
+                route.account.stats().rejection(&code);
+                let (response, outcome) =
+                    Box::pin(self.after_rejection(route, sent, original, replay, client)).await?;
+                route.account.stats().replay(outcome);
+                response
+            }
+        };
+        // The proxy alone decides how its client connection carries on.
+        remove_hop_by_hop(response.headers_mut());
+        Ok((response, route))
+    }
+
+    /// The request filter, the token and the rewrite: the request as it goes upstream.
+    async fn outbound<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        client: &ProxyService,
+        record: &mut Record,
+    ) -> Result<Outbound<'a>, ProxyError> {
         // Request filter and pick upstream.
         let Picked {
             route,
@@ -205,7 +265,7 @@ impl Proxy {
 
         // Rewrite.
         let (mut parts, body) = request.into_parts();
-        let upgrade = upgrade::requested(&parts.headers, &route.upgrades);
+        let asked = upgrade::requested(&parts.headers, &route.upgrades);
         rewrite(&mut parts, route, judged_path.as_deref())?;
         client
             .0
@@ -214,15 +274,15 @@ impl Proxy {
         // The client's side of an upgrade never travels with the request; one that is not
         // allowed is dropped here, so hyper closes rather than hands the connection over.
         let on_upgrade = parts.extensions.remove::<OnUpgrade>();
-        let client_upgrade = match &upgrade {
+        let upgrade = match asked {
             Some(protocol) => {
                 upgrade::keep_upgrade_headers(&mut parts.headers, protocol.clone());
-                on_upgrade
+                on_upgrade.map(|on_upgrade| (on_upgrade, protocol))
             }
             None => None,
         };
         // Keep a small body for a replay, or stream it.
-        let (body, replay) = match self.stream_or_budget(route, body, client_upgrade.is_none()) {
+        let (body, replay) = match self.stream_or_budget(route, body, upgrade.is_none()) {
             Kept::Decided(body, replay) => (body, replay.then(|| Replay::bodiless(&parts))),
             Kept::Keep(body, budget) => Box::pin(self.keep(&parts, body, budget)).await?,
         };
@@ -230,39 +290,13 @@ impl Proxy {
         if self.access_log {
             record.log_forward(&route.upstream_text, &sent, &route.account);
         }
-
-        // Forward.
-        let response = self
-            .forward(route, Request::from_parts(parts, body), client)
-            .await?;
-        if let (Some(on_upgrade), Some(asked)) = (client_upgrade, &upgrade) {
-            let tunnel = TunnelParts {
-                account: route.account.clone(),
-                sent,
-                conn: client.0.conn.clone(),
-                idle_timeout: self.tunnel_idle_timeout,
-            };
-            let response = upgrade::tunnel(response, on_upgrade, asked, tunnel);
-            return Ok((response, route));
-        }
-        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            return Err(ProxyError::UpstreamSwitched);
-        }
-
-        // Response filter.
-        let mut response = match inspect(response).await? {
-            Inspected::Pass(response) => response,
-            Inspected::Rejected(original, code) => {
-                route.account.stats().rejection(&code);
-                let (response, outcome) =
-                    Box::pin(self.after_rejection(route, sent, original, replay, client)).await?;
-                route.account.stats().replay(outcome);
-                response
-            }
-        };
-        // The proxy alone decides how its client connection carries on.
-        remove_hop_by_hop(response.headers_mut());
-        Ok((response, route))
+        Ok(Outbound {
+            route,
+            request: Request::from_parts(parts, body),
+            sent,
+            replay,
+            upgrade,
+        })
     }
 
     /// The request filter and the choice of upstream: refuses what this proxy never serves
