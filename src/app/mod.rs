@@ -408,13 +408,7 @@ async fn bind_listener(address: &ListenAddress) -> Result<Listener, StartError> 
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    let socket = transport::listen_socket(addr);
-    socket
-        .and_then(|socket| {
-            socket.bind(addr)?;
-            socket.listen(transport::BACKLOG)
-        })
-        .map_err(|source| StartError::Bind { addr, source })
+    transport::tcp_listener(addr).map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Reloads the configuration on each SIGHUP (without a file: reads the secrets again).

@@ -44,6 +44,13 @@ pub fn listen_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     Ok(socket)
 }
 
+/// A TCP listener on `addr` (no `SO_REUSEPORT`: the admin and further listeners).
+pub fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = listen_socket(addr)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Clients on a Unix socket are on this machine: they count as loopback.
 pub const UNIX_PEER: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
@@ -137,22 +144,13 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_connections_have_nodelay_set() {
-        for listener in [
-            crate::server::worker::bind("127.0.0.1:0".parse().unwrap(), 1)
-                .unwrap()
-                .pop()
-                .unwrap(),
-            {
-                let socket = listen_socket("127.0.0.1:0".parse().unwrap()).unwrap();
-                socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-                socket.listen(BACKLOG).unwrap().into_std().unwrap()
-            },
-        ] {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let workers = crate::server::worker::bind(addr, 1).unwrap();
+        let further = tcp_listener(addr).unwrap().into_std().unwrap();
+        for listener in workers.into_iter().chain([further]) {
+            let bound = listener.local_addr().unwrap();
             let listener = Listener::Tcp(TcpListener::from_std(listener).unwrap());
-            let Listener::Tcp(tcp) = &listener else {
-                unreachable!()
-            };
-            let _client = TcpStream::connect(tcp.local_addr().unwrap()).await.unwrap();
+            let _client = TcpStream::connect(bound).await.unwrap();
             let (Accepted::Tcp(stream), _) = listener.accept().await.unwrap() else {
                 panic!("a TCP listener accepted something else");
             };
