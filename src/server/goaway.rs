@@ -4,9 +4,15 @@
 //! writes and, when asked, puts its own GOAWAY at the next boundary and ends the connection.
 //! HTTP/1 connections pass through untouched. Over TLS it sits inside the encryption, where
 //! the frames are.
+//!
+//! The same following tells which HTTP a client speaks: [`ClientSocket::poll_protocol`] reads
+//! what the client sends first (one read, as large as the request head usually is) and keeps
+//! it for hyper's first read, so a new connection costs one read before its request is parsed.
 
 use super::transport::Transport;
+use bytes::{Buf, Bytes};
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,6 +25,17 @@ const HEADERS: u8 = 0x1;
 const GOAWAY: u8 = 0x7;
 /// RFC 9113 §7: the peer may be generating excessive load.
 pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+/// The most a connection's first read takes: a request head, or the preface and the
+/// frames after it, as one read usually brings them.
+const FIRST_READ: usize = 4096;
+
+/// Which HTTP a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    Http1,
+    /// With prior knowledge: the connection began with the HTTP/2 preface.
+    Http2,
+}
 
 /// The switch that asks a connection's socket to send GOAWAY `ENHANCE_YOUR_CALM`.
 #[derive(Debug, Default)]
@@ -95,6 +112,8 @@ pub struct ClientSocket {
     stream: Transport,
     switch: Arc<CalmSwitch>,
     protocol: Protocol,
+    /// What [`ClientSocket::poll_protocol`] read and hyper has not yet.
+    head: Bytes,
 }
 
 impl ClientSocket {
@@ -104,6 +123,36 @@ impl ClientSocket {
             stream,
             switch,
             protocol: Protocol::Unknown { seen: 0 },
+            head: Bytes::new(),
+        }
+    }
+
+    /// Reads until it is clear which HTTP the client speaks, keeping what it read for the
+    /// reads that follow; `None`: the client closed the connection before sending anything.
+    pub fn poll_protocol(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Speaks>>> {
+        loop {
+            match self.protocol {
+                Protocol::Unknown { .. } => {}
+                Protocol::Http1 => return Poll::Ready(Ok(Some(Speaks::Http1))),
+                Protocol::Http2 { .. } | Protocol::Ended => {
+                    return Poll::Ready(Ok(Some(Speaks::Http2)))
+                }
+            }
+            // On the stack: only what was read is kept.
+            let mut space = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+            let mut buf = ReadBuf::uninit(&mut space);
+            std::task::ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf))?;
+            let read = buf.filled();
+            if read.is_empty() {
+                // A part of the preface and no more: hyper's HTTP/1 answers what it makes of it.
+                return Poll::Ready(Ok((!self.head.is_empty()).then_some(Speaks::Http1)));
+            }
+            self.saw_incoming(read);
+            self.head = if self.head.is_empty() {
+                Bytes::copy_from_slice(read)
+            } else {
+                [&self.head[..], read].concat().into()
+            };
         }
     }
 
@@ -235,6 +284,13 @@ impl AsyncRead for ClientSocket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.head.is_empty() {
+            // Seen already, by `poll_protocol`.
+            let n = this.head.len().min(buf.remaining());
+            buf.put_slice(&this.head[..n]);
+            this.head.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = read {
@@ -291,6 +347,85 @@ impl AsyncWrite for ClientSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A client connection and the proxy's socket for it.
+    async fn connected() -> (TcpStream, ClientSocket) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let socket = ClientSocket::new(Transport::Plain(accepted), Arc::default());
+        (client, socket)
+    }
+
+    async fn protocol(socket: &mut ClientSocket) -> Option<Speaks> {
+        std::future::poll_fn(|cx| socket.poll_protocol(cx))
+            .await
+            .unwrap()
+    }
+
+    /// What the socket gives its reader once the client has closed.
+    async fn read_all(socket: &mut ClientSocket) -> Vec<u8> {
+        let mut read = Vec::new();
+        socket.read_to_end(&mut read).await.unwrap();
+        read
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_tell_the_protocol_and_are_read_again() {
+        let mut h2 = PREFACE.to_vec();
+        h2.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        let big = [
+            b"GET / HTTP/1.1\r\nX: ".to_vec(),
+            vec![b'a'; 3 * FIRST_READ],
+        ]
+        .concat();
+        let cases = [
+            (head, Speaks::Http1),
+            (b"POST".to_vec(), Speaks::Http1),
+            (b"PRI * HTTP/1.1\r\n\r\n".to_vec(), Speaks::Http1),
+            (h2, Speaks::Http2),
+            (big, Speaks::Http1),
+        ];
+        for (sent, speaks) in cases {
+            let (mut client, mut socket) = connected().await;
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            assert_eq!(protocol(&mut socket).await, Some(speaks), "{sent:?}");
+            assert_eq!(read_all(&mut socket).await, sent);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_preface_cut_short_is_waited_for() {
+        let (mut client, mut socket) = connected().await;
+        client.write_all(&PREFACE[..10]).await.unwrap();
+        let early = std::future::poll_fn(|cx| socket.poll_protocol(cx));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), early).await;
+        assert!(waited.is_err(), "decided on {:?}", &PREFACE[..10]);
+        client.write_all(&PREFACE[10..]).await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(protocol(&mut socket).await, Some(Speaks::Http2));
+        assert_eq!(read_all(&mut socket).await, PREFACE);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_at_once_or_mid_preface_is_told_apart() {
+        let (client, mut socket) = connected().await;
+        drop(client);
+        assert_eq!(protocol(&mut socket).await, None);
+
+        let (mut client, mut socket) = connected().await;
+        client.write_all(&PREFACE[..3]).await.unwrap();
+        client.shutdown().await.unwrap();
+        // hyper's HTTP/1 answers the fragment.
+        assert_eq!(protocol(&mut socket).await, Some(Speaks::Http1));
+        assert_eq!(read_all(&mut socket).await, &PREFACE[..3]);
+    }
 
     fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;

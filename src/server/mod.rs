@@ -10,6 +10,7 @@
 
 pub mod conn;
 pub mod goaway;
+pub mod http;
 pub mod side;
 pub mod transport;
 pub mod watchdog;
@@ -21,10 +22,7 @@ use crate::tls::ClientCert;
 use crate::BoxError;
 use conn::{CancelBudget, ClientConn, Counted, Draining};
 use goaway::{CalmSwitch, ClientSocket};
-use http::{Request, Response};
-use hyper::body::{Body, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use http::{Connection, Protocols, Served};
 use side::SideWaker;
 use std::future::Future;
 use std::pin::Pin;
@@ -85,7 +83,7 @@ pub fn connection_slots(limits: &ConnectionLimits) -> Arc<Semaphore> {
 /// to `grace` and drops the rest. Returns the deadline it drained by: shutdown's moment
 /// plus `grace`. `slots` are the places of `max_connections` when several listeners share them (the
 /// workers'); `None`: the listener's own.
-pub async fn serve<S, B>(
+pub async fn serve<S>(
     listener: impl Into<Listener>,
     make: impl Fn(&Arc<ClientConn>) -> S + Send + Sync + 'static,
     limits: ConnectionLimits,
@@ -95,16 +93,11 @@ pub async fn serve<S, B>(
     grace: Duration,
 ) -> Instant
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: Served,
 {
     let listener = listener.into();
     let slots = slots.unwrap_or_else(|| connection_slots(&limits));
-    let builder = Arc::new(builder(&limits));
+    let protocols = Arc::new(Protocols::new(&limits));
     let make = Arc::new(make);
     let max_connections = limits
         .max_connections
@@ -154,7 +147,7 @@ where
             grace,
             _running: running_rx.clone(),
         };
-        let (builder, make, tls) = (builder.clone(), make.clone(), tls.clone());
+        let (protocols, make, tls) = (protocols.clone(), make.clone(), tls.clone());
         tokio::spawn(async move {
             // The handshake counts against the time to the first request head.
             let deadline = accepted + timeouts.header;
@@ -196,11 +189,7 @@ where
             let socket = ClientSocket::new(transport, switch.clone());
             // Boxed: hyper's connection is about 3 KB, and the task's future, moved on every
             // change of the task's stage, is kept small.
-            let connection = Box::pin(
-                builder
-                    .serve_connection_with_upgrades(TokioIo::new(socket), service)
-                    .into_owned(),
-            );
+            let connection = Box::pin(Connection::new(protocols, socket, service));
             drive(connection, client, switch, timeouts, accepted).await;
         });
     }
@@ -219,27 +208,6 @@ where
     deadline
 }
 
-fn builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .initial_stream_window_size(limits.h2_stream_window)
-        .initial_connection_window_size(limits.h2_connection_window)
-        .max_send_buf_size(limits.h2_stream_window as usize)
-        .max_header_list_size(limits.max_header_bytes as u32);
-    builder
-}
-
-type Connection<S> = auto::UpgradeableConnection<'static, TokioIo<ClientSocket>, S, TokioExecutor>;
-
 /// How long a connection told to calm down may take to go.
 const CALM_CLOSE: Duration = Duration::from_secs(1);
 
@@ -254,19 +222,14 @@ enum Event {
 
 /// Drives one connection under its watchdog until it ends, is ended, or shutdown has
 /// waited `grace` for it.
-async fn drive<S, B>(
+async fn drive<S>(
     mut connection: Pin<Box<Connection<Counted<S>>>>,
     client: Arc<ClientConn>,
     switch: Arc<CalmSwitch>,
     timeouts: Timeouts,
     accepted: Instant,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: Served,
 {
     let peer = client.peer();
     let (mut shutdown, grace) = (client.draining.shutdown.clone(), client.draining.grace);

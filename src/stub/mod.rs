@@ -113,6 +113,7 @@ async fn serve_stand_in<S, F, Fut>(
         + Copy
         + Send
         + Sync
+        + Unpin
         + 'static,
     Fut: std::future::Future<Output = Result<http::Response<StubBody>, BoxError>> + Send + 'static,
 {

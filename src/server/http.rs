@@ -1,0 +1,169 @@
+//! HTTP/1.1 (with upgrades) and HTTP/2 with prior knowledge on one port: the connection
+//! learns which from the client's first bytes ([`ClientSocket::poll_protocol`]), then hyper
+//! serves it. hyper's first read gets the whole of that first read, where a sniff of the
+//! preface's 24 bytes alone would cost a new connection a second read and hyper's buffer a
+//! reallocation.
+
+use super::goaway::{ClientSocket, Speaks};
+use crate::config::ConnectionLimits;
+use crate::BoxError;
+use http::{Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// hyper's settings for either protocol, shared by a listener's connections.
+pub struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    pub fn new(limits: &ConnectionLimits) -> Protocols {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .max_headers(limits.max_headers);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .initial_stream_window_size(limits.h2_stream_window)
+            .initial_connection_window_size(limits.h2_connection_window)
+            .max_send_buf_size(limits.h2_stream_window as usize)
+            .max_header_list_size(limits.max_header_bytes as u32);
+        Protocols { http1, http2 }
+    }
+}
+
+type Io = TokioIo<ClientSocket>;
+
+/// A service a client connection is served with, as hyper's HTTP/1 and HTTP/2 connections
+/// take it.
+pub trait Served:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Self::Body>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Send
+    + Unpin
+    + 'static
+{
+    /// The body of its answers.
+    type Body: Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> Served for S
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Send
+        + Unpin
+        + 'static,
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+{
+    type Body = B;
+}
+
+/// One client connection: its first read, then hyper's HTTP/1 or HTTP/2 connection.
+pub struct Connection<S>
+where
+    S: HttpService<Incoming>,
+{
+    state: State<S>,
+}
+
+// The whole connection is boxed once, and most connections become HTTP/1 ones.
+#[allow(clippy::large_enum_variant)]
+enum State<S>
+where
+    S: HttpService<Incoming>,
+{
+    First {
+        socket: ClientSocket,
+        service: S,
+        protocols: Arc<Protocols>,
+    },
+    Http1(http1::UpgradeableConnection<Io, S>),
+    /// Boxed: twice the size of HTTP/1's, which is what most connections speak.
+    Http2(Box<http2::Connection<Io, S, TokioExecutor>>),
+    Over,
+}
+
+impl<S: Served> Connection<S> {
+    /// Serves `socket` with `service` once its first bytes tell the protocol.
+    pub fn new(protocols: Arc<Protocols>, socket: ClientSocket, service: S) -> Connection<S> {
+        Connection {
+            state: State::First {
+                socket,
+                service,
+                protocols,
+            },
+        }
+    }
+
+    /// Lets the request in flight finish and closes (HTTP/2: GOAWAY, then the streams
+    /// finish); before the first bytes, closes now.
+    pub fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        match &mut this.state {
+            State::First { .. } => this.state = State::Over,
+            State::Http1(conn) => Pin::new(conn).graceful_shutdown(),
+            State::Http2(conn) => Pin::new(conn.as_mut()).graceful_shutdown(),
+            State::Over => {}
+        }
+    }
+}
+
+impl<S: Served> Future for Connection<S> {
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let speaks = match &mut this.state {
+            State::First { socket, .. } => match std::task::ready!(socket.poll_protocol(cx)) {
+                Ok(speaks) => speaks,
+                Err(error) => {
+                    this.state = State::Over;
+                    return Poll::Ready(Err(error.into()));
+                }
+            },
+            State::Http1(conn) => return Pin::new(conn).poll(cx).map_err(Into::into),
+            State::Http2(conn) => return Pin::new(conn.as_mut()).poll(cx).map_err(Into::into),
+            State::Over => return Poll::Ready(Ok(())),
+        };
+        let State::First {
+            socket,
+            service,
+            protocols,
+        } = std::mem::replace(&mut this.state, State::Over)
+        else {
+            unreachable!("matched above");
+        };
+        let io = TokioIo::new(socket);
+        this.state = match speaks {
+            None => return Poll::Ready(Ok(())),
+            Some(Speaks::Http1) => State::Http1(
+                protocols
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades(),
+            ),
+            Some(Speaks::Http2) => {
+                State::Http2(Box::new(protocols.http2.serve_connection(io, service)))
+            }
+        };
+        Pin::new(this).poll(cx)
+    }
+}
