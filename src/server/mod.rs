@@ -156,7 +156,10 @@ where
                 (Accepted::Tcp(stream), None) => (Transport::Plain(stream), None),
                 (Accepted::Tcp(stream), Some(tls)) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
-                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                    // Boxed: the handshake's 1.3 KB would otherwise be part of every
+                    // connection's task, plain ones too, for as long as it lives.
+                    let handshake = Box::pin(acceptor.accept(stream));
+                    match tokio::time::timeout_at(deadline, handshake).await {
                         Ok(Ok(stream)) => {
                             let cert = stream
                                 .get_ref()
