@@ -3,6 +3,7 @@
 //! ([`super::watchdog`]) judges. The counters are the connection's own, so they cost a few
 //! uncontended atomic operations per request and no lock.
 
+use super::goaway::SocketSignals;
 use super::watchdog::Snapshot;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -48,6 +49,10 @@ pub struct ClientConn {
     /// Over the cancel budget: no more requests are forwarded, the connection is ending.
     calmed: AtomicBool,
     calm: Notify,
+    /// Shared with the connection's socket: its GOAWAY switch and its count of reads.
+    pub signals: Arc<SocketSignals>,
+    /// The socket's reads when the connection last went idle (nothing in flight).
+    idle_reads: AtomicU64,
     /// Shutdown, and the server's count of what is still running.
     pub draining: Draining,
     /// The certificate the client presented over TLS, if any.
@@ -63,6 +68,7 @@ impl ClientConn {
         cancel_budget: CancelBudget,
         draining: Draining,
         client_cert: Option<crate::tls::ClientCert>,
+        signals: Arc<SocketSignals>,
     ) -> ClientConn {
         ClientConn {
             peer,
@@ -74,6 +80,8 @@ impl ClientConn {
             cancelled: Mutex::new((Instant::now(), 0)),
             calmed: AtomicBool::new(false),
             calm: Notify::new(),
+            signals,
+            idle_reads: AtomicU64::new(0),
             draining,
             client_cert,
             _slot: slot,
@@ -125,7 +133,10 @@ impl ClientConn {
 
     /// Reads the counters for the watchdog.
     pub fn snapshot(&self) -> Snapshot {
+        let reads = self.signals.http1_reads();
         Snapshot {
+            reads_since_idle: reads.saturating_sub(self.idle_reads.load(Relaxed)),
+            http1: reads > 0,
             requests: self.requests.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             pulls: self.pulls.load(Relaxed),
@@ -169,7 +180,11 @@ impl Drop for InFlight {
         if self.handed {
             self.conn.awaiting_reader.fetch_sub(1, Relaxed);
         }
-        self.conn.in_flight.fetch_sub(1, Relaxed);
+        if self.conn.in_flight.fetch_sub(1, Relaxed) == 1 {
+            // Idle from here: what the socket reads next is the next request head.
+            let reads = self.conn.signals.http1_reads();
+            self.conn.idle_reads.store(reads, Relaxed);
+        }
     }
 }
 

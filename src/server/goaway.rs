@@ -14,7 +14,7 @@ use bytes::{Buf, Bytes};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -37,18 +37,28 @@ pub enum Speaks {
     Http2,
 }
 
-/// The switch that asks a connection's socket to send GOAWAY `ENHANCE_YOUR_CALM`.
+/// What a connection's driver and its socket tell each other: the driver asks for GOAWAY
+/// `ENHANCE_YOUR_CALM`; the socket counts the HTTP/1 reads that bring bytes, which tell the
+/// watchdog that a request head has begun on an idle connection.
 #[derive(Debug, Default)]
-pub struct CalmSwitch(AtomicBool);
+pub struct SocketSignals {
+    calm: AtomicBool,
+    http1_reads: AtomicU64,
+}
 
-impl CalmSwitch {
+impl SocketSignals {
     /// Asks for the GOAWAY; it goes out with hyper's next write.
     pub fn flip(&self) {
-        self.0.store(true, Ordering::Release);
+        self.calm.store(true, Ordering::Release);
     }
 
     fn is_on(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.calm.load(Ordering::Acquire)
+    }
+
+    /// The reads on an HTTP/1 connection that brought bytes, so far.
+    pub fn http1_reads(&self) -> u64 {
+        self.http1_reads.load(Ordering::Relaxed)
     }
 }
 
@@ -110,18 +120,18 @@ enum Protocol {
 /// A client socket that can end an HTTP/2 connection with GOAWAY `ENHANCE_YOUR_CALM`.
 pub struct ClientSocket {
     stream: Transport,
-    switch: Arc<CalmSwitch>,
+    signals: Arc<SocketSignals>,
     protocol: Protocol,
     /// What [`ClientSocket::poll_protocol`] read and hyper has not yet.
     head: Bytes,
 }
 
 impl ClientSocket {
-    /// Wraps `stream`; flipping `switch` ends it with a GOAWAY if it speaks HTTP/2.
-    pub fn new(stream: Transport, switch: Arc<CalmSwitch>) -> ClientSocket {
+    /// Wraps `stream`; flipping `signals` ends it with a GOAWAY if it speaks HTTP/2.
+    pub fn new(stream: Transport, signals: Arc<SocketSignals>) -> ClientSocket {
         ClientSocket {
             stream,
-            switch,
+            signals,
             protocol: Protocol::Unknown { seen: 0 },
             head: Bytes::new(),
         }
@@ -206,7 +216,7 @@ impl ClientSocket {
             };
         };
         if goaway.is_none() {
-            if !self.switch.is_on() || !outgoing.at_boundary() {
+            if !self.signals.is_on() || !outgoing.at_boundary() {
                 return Poll::Pending;
             }
             let mut frame = vec![0, 0, 8, GOAWAY, 0, 0, 0, 0, 0];
@@ -296,6 +306,8 @@ impl AsyncRead for ClientSocket {
         if let Poll::Ready(Ok(())) = read {
             if !matches!(this.protocol, Protocol::Http1) {
                 this.saw_incoming(&buf.filled()[before..]);
+            } else if buf.filled().len() > before {
+                this.signals.http1_reads.fetch_add(1, Ordering::Relaxed);
             }
         }
         read

@@ -26,9 +26,11 @@ pub struct Protocols {
 impl Protocols {
     pub fn new(limits: &ConnectionLimits) -> Protocols {
         let mut http1 = http1::Builder::new();
+        // No `header_read_timeout`: hyper starts it as soon as a connection is idle, which
+        // would close idle keep-alive connections at `header_timeout`, not `idle_timeout`,
+        // and arms a timer for every request. The watchdog bounds request heads instead.
         http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .max_headers(limits.max_headers);
         let mut http2 = http2::Builder::new(TokioExecutor::new());

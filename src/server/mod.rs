@@ -21,7 +21,7 @@ use crate::shutdown::Shutdown;
 use crate::tls::ClientCert;
 use crate::BoxError;
 use conn::{CancelBudget, ClientConn, Counted, Draining};
-use goaway::{CalmSwitch, ClientSocket};
+use goaway::ClientSocket;
 use http::{Connection, Protocols, Served};
 use side::SideWaker;
 use std::future::Future;
@@ -186,14 +186,14 @@ where
                 cancel_budget,
                 draining,
                 client_cert,
+                Arc::default(),
             ));
             let service = Counted::new(make(&client), client.clone());
-            let switch = Arc::new(CalmSwitch::default());
-            let socket = ClientSocket::new(transport, switch.clone());
+            let socket = ClientSocket::new(transport, client.signals.clone());
             // Boxed: hyper's connection is about 3 KB, and the task's future, moved on every
             // change of the task's stage, is kept small.
             let connection = Box::pin(Connection::new(protocols, socket, service));
-            drive(connection, client, switch, timeouts, accepted).await;
+            drive(connection, client, timeouts, accepted).await;
         });
     }
     let deadline = Instant::now() + grace;
@@ -228,7 +228,6 @@ enum Event {
 async fn drive<S>(
     mut connection: Pin<Box<Connection<Counted<S>>>>,
     client: Arc<ClientConn>,
-    switch: Arc<CalmSwitch>,
     timeouts: Timeouts,
     accepted: Instant,
 ) where
@@ -293,7 +292,7 @@ async fn drive<S>(
                     "client cancelled too many forwarded requests: GOAWAY ENHANCE_YOUR_CALM"
                 );
                 // hyper's own GOAWAY is the write that carries ours out first.
-                switch.flip();
+                client.signals.flip();
                 connection.as_mut().graceful_shutdown();
                 let deadline = Instant::now() + CALM_CLOSE;
                 closing = Some(closing.map_or(deadline, |c| c.min(deadline)));

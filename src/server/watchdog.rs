@@ -15,6 +15,11 @@ pub struct Snapshot {
     pub pulls: u64,
     /// Answers that handed out a piece and wait for the client side to take the next.
     pub awaiting_reader: usize,
+    /// Reads that brought bytes on an HTTP/1 connection (never on HTTP/2) since it last
+    /// had nothing in flight: the next request head has begun.
+    pub reads_since_idle: u64,
+    /// Whether the connection speaks HTTP/1 and has read something.
+    pub http1: bool,
 }
 
 /// The time limits a connection is held to.
@@ -30,6 +35,8 @@ pub struct Timeouts {
 pub enum Reason {
     /// No complete request head within the header timeout of the accept.
     NoRequest,
+    /// A later HTTP/1 request head begun and not complete within the header timeout.
+    SlowHead,
     /// No request in flight for the idle timeout.
     Idle,
     /// The client left an answer unread for the write timeout.
@@ -41,6 +48,9 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::NoRequest => "no request head within server.header_timeout",
+            Reason::SlowHead => {
+                "a request head begun and not complete within server.header_timeout"
+            }
             Reason::Idle => "idle for server.idle_timeout",
             Reason::NotReading => "the client read nothing for server.write_timeout",
         }
@@ -58,13 +68,23 @@ pub enum Verdict {
     Drop(Reason),
 }
 
+/// A connection seen with nothing in flight.
+#[derive(Clone, Copy, Debug)]
+struct Idle {
+    /// The request count it was first seen idle with, and when.
+    requests: u64,
+    since: Instant,
+    /// When the bytes of a next request head were first seen.
+    head_seen: Option<Instant>,
+}
+
 /// The watch over one connection.
 #[derive(Debug)]
 pub struct Watchdog {
     timeouts: Timeouts,
     accepted: Instant,
-    /// The request count and the instant the connection was first seen idle with it.
-    idle: Option<(u64, Instant)>,
+    /// Since when the connection has been idle, and what it had seen then.
+    idle: Option<Idle>,
     /// The pull count and the instant an unread answer was first seen with it.
     stall: Option<(u64, Instant)>,
 }
@@ -99,24 +119,39 @@ impl Watchdog {
         }
         if seen.in_flight == 0 {
             self.stall = None;
-            return match self.idle {
+            let idle = match &mut self.idle {
                 // No request came and went since the connection was first seen idle.
-                Some((requests, since)) if requests == seen.requests => {
-                    if now >= since + t.idle {
-                        Verdict::Close(Reason::Idle)
-                    } else {
-                        Verdict::CheckAt(since + t.idle)
-                    }
-                }
-                _ => {
-                    self.idle = Some((seen.requests, now));
-                    Verdict::CheckAt(now + t.idle)
-                }
+                Some(idle) if idle.requests == seen.requests => idle,
+                _ => self.idle.insert(Idle {
+                    requests: seen.requests,
+                    since: now,
+                    head_seen: None,
+                }),
+            };
+            if seen.reads_since_idle > 0 {
+                // Bytes of a next request came in, and no request of them yet.
+                let begun = *idle.head_seen.get_or_insert(now);
+                return if now >= begun + t.header {
+                    Verdict::Drop(Reason::SlowHead)
+                } else {
+                    Verdict::CheckAt(begun + t.header)
+                };
+            }
+            let closes = idle.since + t.idle;
+            return if now >= closes {
+                Verdict::Close(Reason::Idle)
+            } else if seen.http1 {
+                // HTTP/1: looked at every header timeout meanwhile, to see a head begin; so
+                // a later head has between one and two header timeouts from its first byte.
+                Verdict::CheckAt(closes.min(now + t.header))
+            } else {
+                Verdict::CheckAt(closes)
             };
         }
         self.idle = None;
-        // Busy: look again now and then, since an answer may stall without a wake-up.
-        let tick = (t.write / 8).max(Duration::from_millis(10));
+        // Busy: look again now and then, since an answer may stall without a wake-up, and
+        // within a header timeout of the connection going idle.
+        let tick = (t.write / 8).max(Duration::from_millis(10)).min(t.header);
         if seen.awaiting_reader == 0 {
             self.stall = None;
             return Verdict::CheckAt(now + tick);
@@ -154,6 +189,17 @@ mod tests {
             in_flight,
             pulls,
             awaiting_reader,
+            reads_since_idle: 0,
+            http1: false,
+        }
+    }
+
+    /// An HTTP/1 connection with `reads` since it last went idle.
+    fn http1(requests: u64, in_flight: usize, reads: u64) -> Snapshot {
+        Snapshot {
+            reads_since_idle: reads,
+            http1: true,
+            ..snap(requests, in_flight, requests, 0)
         }
     }
 
@@ -235,6 +281,66 @@ mod tests {
         assert_eq!(
             w.check(snap(1, 1, 6, 0), t0 + s(160)),
             Verdict::CheckAt(t0 + s(170))
+        );
+    }
+
+    #[test]
+    fn an_idle_http1_connection_is_kept_for_the_idle_timeout_and_looked_at_meanwhile() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(T, t0);
+        assert_eq!(w.check(http1(1, 0, 0), t0), Verdict::CheckAt(t0 + s(10)));
+        assert_eq!(
+            w.check(http1(1, 0, 0), t0 + s(10)),
+            Verdict::CheckAt(t0 + s(20))
+        );
+        assert_eq!(
+            w.check(http1(1, 0, 0), t0 + s(55)),
+            Verdict::CheckAt(t0 + s(60))
+        );
+        assert_eq!(
+            w.check(http1(1, 0, 0), t0 + s(60)),
+            Verdict::Close(Reason::Idle)
+        );
+    }
+
+    #[test]
+    fn a_later_http1_head_has_the_header_timeout_from_when_it_is_seen() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(T, t0);
+        assert_eq!(w.check(http1(1, 0, 0), t0), Verdict::CheckAt(t0 + s(10)));
+        // The first byte of the next head came in meanwhile.
+        assert_eq!(
+            w.check(http1(1, 0, 1), t0 + s(10)),
+            Verdict::CheckAt(t0 + s(20))
+        );
+        // More bytes, still no request: the clock does not start again.
+        assert_eq!(
+            w.check(http1(1, 0, 4), t0 + s(15)),
+            Verdict::CheckAt(t0 + s(20))
+        );
+        assert_eq!(
+            w.check(http1(1, 0, 5), t0 + s(20)),
+            Verdict::Drop(Reason::SlowHead)
+        );
+    }
+
+    #[test]
+    fn a_later_head_that_completes_makes_a_request_and_the_wait_starts_again() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(T, t0);
+        assert_eq!(w.check(http1(1, 0, 0), t0), Verdict::CheckAt(t0 + s(10)));
+        assert_eq!(
+            w.check(http1(1, 0, 1), t0 + s(10)),
+            Verdict::CheckAt(t0 + s(20))
+        );
+        // The head completed: a request, answered by the next look.
+        assert_eq!(
+            w.check(http1(2, 0, 0), t0 + s(19)),
+            Verdict::CheckAt(t0 + s(29))
+        );
+        assert_eq!(
+            w.check(http1(2, 0, 0), t0 + s(29)),
+            Verdict::CheckAt(t0 + s(39))
         );
     }
 }

@@ -144,16 +144,22 @@ async fn an_http2_connection_that_opens_no_stream_is_closed() {
     );
 }
 
-#[tokio::test]
-async fn idle_keep_alive_connections_are_closed_over_http1_and_http2() {
-    let stubs = Stubs::start(StubSettings::default()).await;
-    let proxy = proxy_with(&stubs, SMALL_LIMITS, "").await;
-
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+/// An HTTP/1.1 client connection to `addr`, and the task that drives it.
+async fn http1_client(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<TestBody>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
-    let driver = tokio::spawn(connection);
+    (sender, tokio::spawn(connection))
+}
+
+/// Asks for `/whoami` on a kept-alive connection and reads the answer.
+async fn whoami(sender: &mut hyper::client::conn::http1::SendRequest<TestBody>) {
     let request = Request::get("/whoami")
         .header(header::HOST, "a")
         .body(empty())
@@ -161,6 +167,15 @@ async fn idle_keep_alive_connections_are_closed_over_http1_and_http2() {
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     response.into_body().collect().await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_over_http1_and_http2() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy = proxy_with(&stubs, SMALL_LIMITS, "").await;
+
+    let (mut sender, driver) = http1_client(proxy.addr).await;
+    whoami(&mut sender).await;
     let ended = tokio::time::timeout(PATIENCE, driver).await;
     assert!(ended.is_ok(), "the idle HTTP/1.1 connection stayed open");
 
@@ -705,4 +720,67 @@ async fn workers_share_max_connections() {
             "a worker served past the shared limit"
         );
     }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_kept_for_idle_timeout_not_header_timeout() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let limits = "header_timeout = \"200ms\"\nidle_timeout = \"10s\"\n";
+    let proxy = proxy_with(&stubs, limits, "").await;
+    let (mut sender, driver) = http1_client(proxy.addr).await;
+    for _ in 0..2 {
+        whoami(&mut sender).await;
+        // Idle for several header timeouts, well within the idle timeout.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(!driver.is_finished(), "the idle connection was closed");
+    }
+}
+
+/// Reads one answer with a `Content-Length` body off a kept-alive connection.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before the answer was complete");
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if seen.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_later_request_head_sent_slowly_is_dropped_at_the_header_timeout() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let limits = "header_timeout = \"300ms\"\nidle_timeout = \"60s\"\n";
+    let proxy = proxy_with(&stubs, limits, "").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /whoami HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_answer(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // The next head begins, and never ends.
+    stream
+        .write_all(b"GET /whoami HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let closed = read_to_close(&mut stream, PATIENCE).await;
+    assert_eq!(closed.as_deref(), Some(&b""[..]), "still open, or answered");
+    assert_eq!(stubs.upstream.requests(), 1);
 }
