@@ -158,6 +158,9 @@ impl ClientSocket {
                 return Poll::Ready(Ok((!self.head.is_empty()).then_some(Speaks::Http1)));
             }
             self.saw_incoming(read);
+            if matches!(self.protocol, Protocol::Http1) {
+                self.signals.http1_reads.fetch_add(1, Ordering::Relaxed);
+            }
             self.head = if self.head.is_empty() {
                 Bytes::copy_from_slice(read)
             } else {

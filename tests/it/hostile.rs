@@ -775,7 +775,8 @@ async fn a_later_request_head_sent_slowly_is_dropped_at_the_header_timeout() {
         .await
         .unwrap();
     assert!(read_answer(&mut stream).await.starts_with("HTTP/1.1 200"));
-    // The next head begins, and never ends.
+    // Idle long enough to be seen idle; then the next head begins, and never ends.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     stream
         .write_all(b"GET /whoami HTTP/1.1\r\nHo")
         .await
