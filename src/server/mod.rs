@@ -4,9 +4,10 @@
 //!
 //! Each connection runs in its own task beside a [`watchdog`] that ends it when it sends no
 //! request head within `header_timeout` of the accept (HTTP/2: preface and first stream
-//! alike), has no request in flight for `idle_timeout`, or leaves an answer unread for
-//! `write_timeout`. hyper bounds the head itself (size, count, and time once the first byte
-//! is in) and, for HTTP/2, the streams and flow-control windows.
+//! alike), has no request in flight for `idle_timeout`, begins a later HTTP/1 head and does
+//! not finish it within one to two `header_timeout`s, or leaves an answer unread for
+//! `write_timeout`. hyper bounds the head's size and count and, for HTTP/2, the streams and
+//! flow-control windows.
 
 pub mod conn;
 pub mod goaway;
