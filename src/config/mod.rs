@@ -166,7 +166,8 @@ pub struct ServerConfig {
 pub struct ConnectionLimits {
     /// Connections served at once; `None`: derived from the open-file limit at start.
     pub max_connections: Option<usize>,
-    /// From accept, the time to complete the first request head (HTTP/2: preface and a stream).
+    /// From accept, the time to complete the first request head (HTTP/2: preface and a
+    /// stream); a later HTTP/1 head has one to two of it from its first byte.
     pub header_timeout: Duration,
     /// How long a connection may have no request in flight before it is closed.
     pub idle_timeout: Duration,
