@@ -68,7 +68,6 @@ impl ClientConn {
         cancel_budget: CancelBudget,
         draining: Draining,
         client_cert: Option<crate::tls::ClientCert>,
-        signals: Arc<SocketSignals>,
     ) -> ClientConn {
         ClientConn {
             peer,
@@ -80,7 +79,7 @@ impl ClientConn {
             cancelled: Mutex::new((Instant::now(), 0)),
             calmed: AtomicBool::new(false),
             calm: Notify::new(),
-            signals,
+            signals: Arc::default(),
             idle_reads: AtomicU64::new(0),
             draining,
             client_cert,

@@ -60,6 +60,10 @@ impl SocketSignals {
     pub fn http1_reads(&self) -> u64 {
         self.http1_reads.load(Ordering::Relaxed)
     }
+
+    fn note_http1_read(&self) {
+        self.http1_reads.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Follows a stream of HTTP/2 frames: where each ends, and each frame header.
@@ -159,7 +163,7 @@ impl ClientSocket {
             }
             self.saw_incoming(read);
             if matches!(self.protocol, Protocol::Http1) {
-                self.signals.http1_reads.fetch_add(1, Ordering::Relaxed);
+                self.signals.note_http1_read();
             }
             self.head = if self.head.is_empty() {
                 Bytes::copy_from_slice(read)
@@ -310,7 +314,7 @@ impl AsyncRead for ClientSocket {
             if !matches!(this.protocol, Protocol::Http1) {
                 this.saw_incoming(&buf.filled()[before..]);
             } else if buf.filled().len() > before {
-                this.signals.http1_reads.fetch_add(1, Ordering::Relaxed);
+                this.signals.note_http1_read();
             }
         }
         read

@@ -187,7 +187,6 @@ where
                 cancel_budget,
                 draining,
                 client_cert,
-                Arc::default(),
             ));
             let service = Counted::new(make(&client), client.clone());
             let socket = ClientSocket::new(transport, client.signals.clone());
