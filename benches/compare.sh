@@ -52,7 +52,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A port free together with the one above it (nginx and haproxy take both), below the
+# ephemeral range, so that the churn scenario's client sockets cannot be holding either.
+free_port() {
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+top = low - 1 if low > 11000 else 65534  # a low ephemeral range leaves no room below it
+for _ in range(1000):
+    port = random.randrange(10000, top)
+    try:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", port))
+            b.bind(("127.0.0.1", port + 1))
+    except OSError:
+        continue
+    print(port)
+    break
+else:
+    raise SystemExit("no two free ports below the ephemeral range")
+PY
+}
 wait_port() {
   for _ in $(seq 1 100); do
     if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then return 0; fi
