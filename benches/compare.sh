@@ -3,7 +3,7 @@
 # "Authorization: Bearer <jwt>", forward to a keep-alive upstream, stream the answer back),
 # in alternating rounds so that the machine's noise hits every proxy alike.
 #
-#   benches/compare.sh                 # 3 rounds x 5 s per scenario (about 3 minutes)
+#   benches/compare.sh                 # 3 rounds x 5 s per scenario (about 4 minutes)
 #   QUICK=1 benches/compare.sh         # 1 round x 2 s: a smoke test, not a verdict
 #   ROUNDS=5 DUR=10 SCENARIOS="small h2" PROXIES="ours nginx" benches/compare.sh
 #   BIN=path/to/mosaic-auth-proxy benches/compare.sh   # that binary instead of a release build
