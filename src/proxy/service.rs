@@ -135,168 +135,182 @@ impl Proxy {
     }
 
     /// Serves one request: forwards it, or answers with the failure's status and a short body.
-    pub async fn handle(
-        &self,
+    ///
+    /// This and the steps below return an `async` block rather than being `async fn`s: an
+    /// `async fn`'s future keeps its arguments apart from the locals they are moved into, so
+    /// the client's request took its room twice at each step (and was copied once more).
+    #[allow(clippy::manual_async_fn)] // the request once, not twice: see `handle`
+    pub fn handle<'a>(
+        &'a self,
         request: Request<Incoming>,
-        client: &ProxyService,
-        record: &mut Record,
-    ) -> Response<ProxyBody> {
-        let started = record.started();
-        let method = request.method().clone();
-        if self.access_log {
-            record.log(&method, request.uri().path());
-        }
-        let result = self.handle_inner(request, client, record).await;
-        let status = match &result {
-            Ok((response, _)) => response.status(),
-            Err(error) => error.classify().0,
-        };
-        record.answered(status);
-        match result {
-            Ok((response, route)) => {
-                tracing::debug!(
-                    http.method = %method, route = %route.name, upstream = %route.upstream,
-                    status = response.status().as_u16(),
-                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "forwarded"
-                );
-                response
+        client: &'a ProxyService,
+        record: &'a mut Record,
+    ) -> impl Future<Output = Response<ProxyBody>> + 'a {
+        async move {
+            let started = record.started();
+            let method = request.method().clone();
+            if self.access_log {
+                record.log(&method, request.uri().path());
             }
-            Err(error) => {
-                if let Some(kind) = error.upstream_error() {
-                    record.route().upstream_failed(kind);
+            let result = self.handle_inner(request, client, record).await;
+            let status = match &result {
+                Ok((response, _)) => response.status(),
+                Err(error) => error.classify().0,
+            };
+            record.answered(status);
+            match result {
+                Ok((response, route)) => {
+                    tracing::debug!(
+                        http.method = %method, route = %route.name, upstream = %route.upstream,
+                        status = response.status().as_u16(),
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "forwarded"
+                    );
+                    response
                 }
-                let (status, code, fault) = error.classify();
-                let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-                let chain = crate::error_chain(&error);
-                let peer = client.0.address.ip();
-                match fault {
-                    Fault::Client => {
-                        tracing::debug!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
+                Err(error) => {
+                    if let Some(kind) = error.upstream_error() {
+                        record.route().upstream_failed(kind);
                     }
-                    Fault::Access => {
-                        tracing::info!(http.method = %method, %peer, status = status.as_u16(), code, error = %chain, "access refused")
+                    let (status, code, fault) = error.classify();
+                    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let chain = crate::error_chain(&error);
+                    let peer = client.0.address.ip();
+                    match fault {
+                        Fault::Client => {
+                            tracing::debug!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
+                        }
+                        Fault::Access => {
+                            tracing::info!(http.method = %method, %peer, status = status.as_u16(), code, error = %chain, "access refused")
+                        }
+                        Fault::Upstream | Fault::Identity => {
+                            tracing::warn!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+                        }
+                        Fault::Proxy => {
+                            tracing::error!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+                        }
                     }
-                    Fault::Upstream | Fault::Identity => {
-                        tracing::warn!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
-                    }
-                    Fault::Proxy => {
-                        tracing::error!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
-                    }
+                    error.to_response()
                 }
-                error.to_response()
             }
         }
     }
 
-    async fn handle_inner(
-        &self,
+    #[allow(clippy::manual_async_fn)] // the request once, not twice: see `handle`
+    fn handle_inner<'a: 'b, 'b>(
+        &'a self,
         request: Request<Incoming>,
-        client: &ProxyService,
-        record: &mut Record,
-    ) -> Result<(Response<ProxyBody>, &Route), ProxyError> {
-        // The client's request ends in `outbound`: it takes no room in this future while the
-        // upstream answers.
-        let Outbound {
-            route,
-            request,
-            sent,
-            replay,
-            upgrade,
-        } = self.outbound(request, client, record).await?;
-
-        // Forward.
-        let response = self.forward(route, request, client).await?;
-        if let Some((on_upgrade, asked)) = upgrade {
-            let tunnel = TunnelParts {
-                account: route.account.clone(),
+        client: &'b ProxyService,
+        record: &'b mut Record,
+    ) -> impl Future<Output = Result<(Response<ProxyBody>, &'a Route), ProxyError>> + 'b {
+        async move {
+            // The client's request ends in `outbound`: it takes no room in this future while the
+            // upstream answers.
+            let Outbound {
+                route,
+                request,
                 sent,
-                conn: client.0.conn.clone(),
-                idle_timeout: self.tunnel_idle_timeout,
-            };
-            let response = upgrade::tunnel(response, on_upgrade, &asked, tunnel);
-            return Ok((response, route));
-        }
-        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            return Err(ProxyError::UpstreamSwitched);
-        }
+                replay,
+                upgrade,
+            } = self.outbound(request, client, record).await?;
 
-        // Response filter.
-        let mut response = match inspect(response).await? {
-            Inspected::Pass(response) => response,
-            Inspected::Rejected(original, code) => {
-                route.account.stats().rejection(&code);
-                let (response, outcome) =
-                    Box::pin(self.after_rejection(route, sent, original, replay, client)).await?;
-                route.account.stats().replay(outcome);
-                response
+            // Forward.
+            let response = self.forward(route, request, client).await?;
+            if let Some((on_upgrade, asked)) = upgrade {
+                let tunnel = TunnelParts {
+                    account: route.account.clone(),
+                    sent,
+                    conn: client.0.conn.clone(),
+                    idle_timeout: self.tunnel_idle_timeout,
+                };
+                let response = upgrade::tunnel(response, on_upgrade, &asked, tunnel);
+                return Ok((response, route));
             }
-        };
-        // The proxy alone decides how its client connection carries on.
-        remove_hop_by_hop(response.headers_mut());
-        Ok((response, route))
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ProxyError::UpstreamSwitched);
+            }
+
+            // Response filter.
+            let mut response = match inspect(response).await? {
+                Inspected::Pass(response) => response,
+                Inspected::Rejected(original, code) => {
+                    route.account.stats().rejection(&code);
+                    let (response, outcome) =
+                        Box::pin(self.after_rejection(route, sent, original, replay, client))
+                            .await?;
+                    route.account.stats().replay(outcome);
+                    response
+                }
+            };
+            // The proxy alone decides how its client connection carries on.
+            remove_hop_by_hop(response.headers_mut());
+            Ok((response, route))
+        }
     }
 
     /// The request filter, the token and the rewrite: the request as it goes upstream.
-    async fn outbound<'a>(
+    #[allow(clippy::manual_async_fn)] // the request once, not twice: see `handle`
+    fn outbound<'a: 'b, 'b>(
         &'a self,
         request: Request<Incoming>,
-        client: &ProxyService,
-        record: &mut Record,
-    ) -> Result<Outbound<'a>, ProxyError> {
-        // Request filter and pick upstream.
-        let Picked {
-            route,
-            judged_path,
-            forwarded_host,
-        } = self.filter_and_pick(&request, client)?;
-        record.set_route(&route.metrics);
+        client: &'b ProxyService,
+        record: &'b mut Record,
+    ) -> impl Future<Output = Result<Outbound<'a>, ProxyError>> + 'b {
+        async move {
+            // Request filter and pick upstream.
+            let Picked {
+                route,
+                judged_path,
+                forwarded_host,
+            } = self.filter_and_pick(&request, client)?;
+            record.set_route(&route.metrics);
 
-        // Token: the ready-made header, or a short wait while one is being fetched.
-        let sent = match route.account.usable_header() {
-            Some(value) => value,
-            // The rare path is boxed so that every request's future stays small.
-            None => Box::pin(route.account.header_or_wait(self.token_wait))
-                .await
-                .map_err(|cause| ProxyError::TokenUnavailable {
-                    account: route.account.name().to_owned(),
-                    cause,
-                })?,
-        };
+            // Token: the ready-made header, or a short wait while one is being fetched.
+            let sent = match route.account.usable_header() {
+                Some(value) => value,
+                // The rare path is boxed so that every request's future stays small.
+                None => Box::pin(route.account.header_or_wait(self.token_wait))
+                    .await
+                    .map_err(|cause| ProxyError::TokenUnavailable {
+                        account: route.account.name().to_owned(),
+                        cause,
+                    })?,
+            };
 
-        // Rewrite.
-        let (mut parts, body) = request.into_parts();
-        let asked = upgrade::requested(&parts.headers, &route.upgrades);
-        rewrite(&mut parts, route, judged_path.as_deref())?;
-        client
-            .0
-            .address
-            .set_forwarding_headers(&mut parts.headers, forwarded_host);
-        // The client's side of an upgrade never travels with the request; one that is not
-        // allowed is dropped here, so hyper closes rather than hands the connection over.
-        let on_upgrade = parts.extensions.remove::<OnUpgrade>();
-        let upgrade = match asked {
-            Some(protocol) => {
-                upgrade::keep_upgrade_headers(&mut parts.headers, protocol.clone());
-                on_upgrade.map(|on_upgrade| (on_upgrade, protocol))
+            // Rewrite.
+            let (mut parts, body) = request.into_parts();
+            let asked = upgrade::requested(&parts.headers, &route.upgrades);
+            rewrite(&mut parts, route, judged_path.as_deref())?;
+            client
+                .0
+                .address
+                .set_forwarding_headers(&mut parts.headers, forwarded_host);
+            // The client's side of an upgrade never travels with the request; one that is not
+            // allowed is dropped here, so hyper closes rather than hands the connection over.
+            let on_upgrade = parts.extensions.remove::<OnUpgrade>();
+            let upgrade = match asked {
+                Some(protocol) => {
+                    upgrade::keep_upgrade_headers(&mut parts.headers, protocol.clone());
+                    on_upgrade.map(|on_upgrade| (on_upgrade, protocol))
+                }
+                None => None,
+            };
+            // Keep a small body for a replay, or stream it.
+            let (body, replay) = match self.stream_or_budget(route, body, upgrade.is_none()) {
+                Kept::Decided(body, replay) => (body, replay.then(|| Replay::bodiless(&parts))),
+                Kept::Keep(body, budget) => Box::pin(self.keep(&parts, body, budget)).await?,
+            };
+            parts.headers.insert(header::AUTHORIZATION, sent.clone());
+            if self.access_log {
+                record.log_forward(&route.upstream_text, &sent, &route.account);
             }
-            None => None,
-        };
-        // Keep a small body for a replay, or stream it.
-        let (body, replay) = match self.stream_or_budget(route, body, upgrade.is_none()) {
-            Kept::Decided(body, replay) => (body, replay.then(|| Replay::bodiless(&parts))),
-            Kept::Keep(body, budget) => Box::pin(self.keep(&parts, body, budget)).await?,
-        };
-        parts.headers.insert(header::AUTHORIZATION, sent.clone());
-        if self.access_log {
-            record.log_forward(&route.upstream_text, &sent, &route.account);
+            Ok(Outbound {
+                route,
+                request: Request::from_parts(parts, body),
+                sent,
+                replay,
+                upgrade,
+            })
         }
-        Ok(Outbound {
-            route,
-            request: Request::from_parts(parts, body),
-            sent,
-            replay,
-            upgrade,
-        })
     }
 
     /// The request filter and the choice of upstream: refuses what this proxy never serves
@@ -437,36 +451,39 @@ impl Proxy {
 
     /// Sends a request upstream within the upstream's budget and waits, bounded, for the
     /// response head.
-    async fn forward(
-        &self,
-        route: &Route,
+    #[allow(clippy::manual_async_fn)] // the request once, not twice: see `handle`
+    fn forward<'a>(
+        &'a self,
+        route: &'a Route,
         request: Request<ProxyBody>,
-        client: &ProxyService,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let budget = &route.budget;
-        let Some(slot) = budget.request_slot(self.upstream_timeout).await else {
-            return Err(ProxyError::UpstreamBusy {
-                max: budget.max(),
-                waited: self.upstream_timeout,
-            });
-        };
-        let sending = Instant::now();
-        let mut exchange = Exchange::new(route.pool.send(request), slot, client.0.conn.clone());
-        let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
-        let Ok(answered) = answered else {
-            exchange.give_up();
-            return Err(ProxyError::UpstreamTimeout(self.upstream_timeout));
-        };
-        if answered.is_ok() {
-            route.metrics.upstream_answered(sending.elapsed());
+        client: &'a ProxyService,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + 'a {
+        async move {
+            let budget = &route.budget;
+            let Some(slot) = budget.request_slot(self.upstream_timeout).await else {
+                return Err(ProxyError::UpstreamBusy {
+                    max: budget.max(),
+                    waited: self.upstream_timeout,
+                });
+            };
+            let sending = Instant::now();
+            let mut exchange = Exchange::new(route.pool.send(request), slot, client.0.conn.clone());
+            let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
+            let Ok(answered) = answered else {
+                exchange.give_up();
+                return Err(ProxyError::UpstreamTimeout(self.upstream_timeout));
+            };
+            if answered.is_ok() {
+                route.metrics.upstream_answered(sending.elapsed());
+            }
+            answered.map_err(|e| match body_timeout_in(&e) {
+                Some(gap) => ProxyError::BodyTimeout(gap),
+                None => match e {
+                    SendError::Connect(e) => ProxyError::UpstreamConnect(e),
+                    SendError::Exchange(e) => ProxyError::Upstream(e),
+                },
+            })
         }
-        answered.map_err(|e| match body_timeout_in(&e) {
-            Some(gap) => ProxyError::BodyTimeout(gap),
-            None => match e {
-                SendError::Connect(e) => ProxyError::UpstreamConnect(e),
-                SendError::Exchange(e) => ProxyError::Upstream(e),
-            },
-        })
     }
 
     /// After an upstream refused the token `sent`: one shared refresh, then at most one

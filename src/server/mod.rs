@@ -90,7 +90,7 @@ pub async fn serve<S>(
     limits: ConnectionLimits,
     slots: Option<Arc<Semaphore>>,
     tls: Option<TlsConfig>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     grace: Duration,
 ) -> Instant
 where
@@ -117,6 +117,9 @@ where
     let (running, running_rx) = watch::channel(());
     let mut refused = Throttle::default();
     let mut accept_failed = Throttle::default();
+    // One wait for the whole loop, not one made and registered anew per connection.
+    let mut stopping = shutdown.clone();
+    let mut stop = std::pin::pin!(stopping.wait());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -130,7 +133,7 @@ where
                     continue;
                 }
             },
-            _ = shutdown.wait() => break,
+            _ = &mut stop => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             if let Some(more) = refused.note() {
