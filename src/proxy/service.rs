@@ -139,7 +139,7 @@ impl Proxy {
     /// This and the steps below return an `async` block rather than being `async fn`s: an
     /// `async fn`'s future keeps its arguments apart from the locals they are moved into, so
     /// the client's request took its room twice at each step (and was copied once more).
-    #[allow(clippy::manual_async_fn)] // the request once, not twice: see `handle`
+    #[allow(clippy::manual_async_fn)] // the request once, not twice (above)
     pub fn handle<'a>(
         &'a self,
         request: Request<Incoming>,
