@@ -52,6 +52,10 @@ struct State {
     counters: Counters,
     connections: Arc<super::Connections>,
     last: Mutex<Option<Seen>>,
+    /// Requests received, for answers held until enough have arrived.
+    arrivals: tokio::sync::watch::Sender<u64>,
+    /// Answers wait until this many requests have arrived.
+    hold_until: AtomicU64,
 }
 
 /// Watches a running Mosaic stand-in.
@@ -98,6 +102,14 @@ impl UpstreamHandle {
             .insert(authorization);
     }
 
+    /// Holds every answer until `n` more requests have arrived (at most ten seconds), then
+    /// answers them all: requests sent together are all in flight at once, however slow the
+    /// machine.
+    pub fn hold_until(&self, n: u64) {
+        let arrived = *self.0.arrivals.borrow();
+        self.0.hold_until.store(arrived + n, Ordering::SeqCst);
+    }
+
     /// Refuses every request with `code` (a rejection no fresh token cures), or stops.
     pub fn refuse_all(&self, code: Option<ErrorCode>) {
         *self.0.refuse_all.lock().expect("refuse lock") = code;
@@ -131,6 +143,8 @@ impl MosaicUpstream {
                 counters: Counters::default(),
                 connections: Arc::default(),
                 last: Mutex::default(),
+                arrivals: tokio::sync::watch::Sender::new(0),
+                hold_until: AtomicU64::new(0),
             }),
         })
     }
@@ -165,6 +179,11 @@ async fn answer(
     }
     let c = &state.counters;
     c.requests.fetch_add(1, Ordering::SeqCst);
+    state.arrivals.send_modify(|n| *n += 1);
+    let hold_until = state.hold_until.load(Ordering::SeqCst);
+    let mut arrivals = state.arrivals.subscribe();
+    let held = arrivals.wait_for(|n| *n >= hold_until);
+    let _ = tokio::time::timeout(Duration::from_secs(10), held).await;
     let query = request.uri().query().map(str::to_owned);
     let has_query_token = query
         .as_deref()
