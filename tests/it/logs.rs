@@ -16,6 +16,18 @@ async fn access_logged() -> Harness {
     Harness { stubs, proxy }
 }
 
+/// Installs `subscriber` as this thread's default, with a second subscriber registered
+/// beside it for as long as the capture lasts. With one registered, tracing takes a
+/// callsite's interest from the default of the thread that reaches it first, and a sibling
+/// test's thread, which has none, would switch that log line off for every thread
+/// (tokio-rs/tracing#3611); with two, it asks both.
+fn capture_on_this_thread(
+    subscriber: impl tracing::Subscriber + Send + Sync + 'static,
+) -> (tracing::subscriber::DefaultGuard, tracing::Dispatch) {
+    let beside = tracing::Dispatch::new(tracing_subscriber::registry());
+    (tracing::subscriber::set_default(subscriber), beside)
+}
+
 // A current-thread runtime keeps every task on the thread whose subscriber captures them.
 #[tokio::test(flavor = "current_thread")]
 async fn no_secret_and_no_token_is_ever_logged() {
@@ -30,7 +42,7 @@ async fn no_secret_and_no_token_is_ever_logged() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _capture = capture_on_this_thread(subscriber);
 
     let h = access_logged().await;
     let mut tokens = Vec::new();
@@ -83,7 +95,7 @@ async fn the_access_log_writes_one_json_line_per_request() {
         .with_env_filter("access=info")
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _capture = capture_on_this_thread(subscriber);
     let Harness { stubs, proxy } = access_logged().await;
     get(&proxy.url("/whoami?secret=not-logged")).await;
     get(&proxy.url("/nowhere/../..")).await;
