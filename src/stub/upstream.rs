@@ -35,7 +35,6 @@ pub struct Seen {
 
 #[derive(Default)]
 struct Counters {
-    requests: AtomicU64,
     accepted: AtomicU64,
     expired: AtomicU64,
     refused: AtomicU64,
@@ -52,8 +51,8 @@ struct State {
     counters: Counters,
     connections: Arc<super::Connections>,
     last: Mutex<Option<Seen>>,
-    /// Requests received, for answers held until enough have arrived.
-    arrivals: tokio::sync::watch::Sender<u64>,
+    /// Requests received; watched by answers held until enough have arrived.
+    requests: tokio::sync::watch::Sender<u64>,
     /// Answers wait until this many requests have arrived.
     hold_until: AtomicU64,
 }
@@ -65,7 +64,7 @@ pub struct UpstreamHandle(Arc<State>);
 impl UpstreamHandle {
     /// Counts requests received.
     pub fn requests(&self) -> u64 {
-        self.0.counters.requests.load(Ordering::SeqCst)
+        *self.0.requests.borrow()
     }
 
     /// Counts requests whose token was accepted.
@@ -106,8 +105,9 @@ impl UpstreamHandle {
     /// answers them all: requests sent together are all in flight at once, however slow the
     /// machine.
     pub fn hold_until(&self, n: u64) {
-        let arrived = *self.0.arrivals.borrow();
-        self.0.hold_until.store(arrived + n, Ordering::SeqCst);
+        self.0
+            .hold_until
+            .store(self.requests() + n, Ordering::SeqCst);
     }
 
     /// Refuses every request with `code` (a rejection no fresh token cures), or stops.
@@ -143,7 +143,7 @@ impl MosaicUpstream {
                 counters: Counters::default(),
                 connections: Arc::default(),
                 last: Mutex::default(),
-                arrivals: tokio::sync::watch::Sender::new(0),
+                requests: tokio::sync::watch::Sender::new(0),
                 hold_until: AtomicU64::new(0),
             }),
         })
@@ -178,12 +178,17 @@ async fn answer(
         return Ok(super::json(StatusCode::OK, r#"{"status":"ok"}"#));
     }
     let c = &state.counters;
-    c.requests.fetch_add(1, Ordering::SeqCst);
-    state.arrivals.send_modify(|n| *n += 1);
+    let mut arrived = 0;
+    state.requests.send_modify(|n| {
+        *n += 1;
+        arrived = *n;
+    });
     let hold_until = state.hold_until.load(Ordering::SeqCst);
-    let mut arrivals = state.arrivals.subscribe();
-    let held = arrivals.wait_for(|n| *n >= hold_until);
-    let _ = tokio::time::timeout(Duration::from_secs(10), held).await;
+    if arrived < hold_until {
+        let mut requests = state.requests.subscribe();
+        let held = requests.wait_for(|n| *n >= hold_until);
+        let _ = tokio::time::timeout(Duration::from_secs(10), held).await;
+    }
     let query = request.uri().query().map(str::to_owned);
     let has_query_token = query
         .as_deref()
