@@ -239,7 +239,8 @@ impl Account {
                 return Ok(header);
             }
             if !progress.borrow_and_update().fetching {
-                return Err(self.unavailable());
+                // A token request that ended between the two looks stored its token first.
+                return self.usable_header().ok_or_else(|| self.unavailable());
             }
             match tokio::time::timeout_at(deadline, progress.changed()).await {
                 Ok(Ok(())) => continue,
@@ -302,16 +303,23 @@ impl Account {
             Refusal::Hold { opened: false } | Refusal::Wait => Rejection::Held,
             Refusal::UseNewer => Rejection::Refresh,
             Refusal::RefreshNow => {
-                let previous = self.current.compare_and_swap(&current, None::<Arc<Token>>);
-                if let Some(token) =
-                    token.filter(|t| previous.as_ref().is_some_and(|p| std::ptr::eq(&**p, *t)))
-                {
+                // Dropped and marked as being fetched in one step under the progress lock: a
+                // request that finds no token then finds the refresh under way, never neither
+                // (it would pass the refusal on instead of waiting for the new token).
+                let dropped = self.progress.send_if_modified(|progress| {
+                    let previous = self.current.compare_and_swap(&current, None::<Arc<Token>>);
+                    let dropped = token.is_some_and(|t| {
+                        previous.as_ref().is_some_and(|was| std::ptr::eq(&**was, t))
+                    });
+                    progress.fetching |= dropped;
+                    dropped
+                });
+                if let (true, Some(token)) = (dropped, token) {
                     tracing::info!(
                         account = %self.name,
                         token = token.fingerprint(),
                         "an upstream refused the token; refreshing"
                     );
-                    self.progress.send_modify(|p| p.fetching = true);
                     self.wake.notify_one();
                 }
                 Rejection::Refresh
@@ -451,5 +459,61 @@ impl Account {
         self.lifecycle().secret_changed();
         self.wake.notify_one();
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::client::Grant;
+    use crate::identity::refresh::RefreshPolicy;
+
+    fn token(n: u32) -> Token {
+        let grant = Grant {
+            access_token: Secret::new(format!("token-{n}")),
+            lifetime: Duration::from_secs(3600),
+            sent_at: Instant::now(),
+        };
+        Token::new(grant, &RefreshPolicy::default(), 0.5).unwrap()
+    }
+
+    /// Requests whose token is refused at the same moment, on several threads: one refresh,
+    /// and every one of them waits for its token; none finds neither a token nor a refresh
+    /// under way (it would pass the refusal on to its client).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn requests_refused_together_on_several_threads_all_wait_for_the_new_token() {
+        for _ in 0..300 {
+            let account = Arc::new(Account::with_token("a", token(1)));
+            let old = account.usable_header().unwrap();
+            let refresher = {
+                let account = account.clone();
+                tokio::spawn(async move {
+                    account.woken().await;
+                    account.begin_request();
+                    tokio::task::yield_now().await;
+                    account.settle(Ok(token(2)), 0.5);
+                })
+            };
+            let start = Arc::new(tokio::sync::Barrier::new(8));
+            let refused: Vec<_> = (0..8)
+                .map(|_| {
+                    let (account, old, start) = (account.clone(), old.clone(), start.clone());
+                    tokio::spawn(async move {
+                        start.wait().await;
+                        assert_eq!(account.reject(&old), Rejection::Refresh);
+                        account.header_or_wait(Duration::from_secs(5)).await
+                    })
+                })
+                .collect();
+            for request in refused {
+                let fresh = request.await.unwrap();
+                assert!(
+                    fresh.is_ok(),
+                    "a refused request found no token to wait for"
+                );
+                assert_ne!(fresh.unwrap(), old);
+            }
+            refresher.await.unwrap();
+        }
     }
 }
