@@ -123,6 +123,7 @@ impl Generation {
                         r.upstream.authority.clone(),
                         r.h2c,
                         connector,
+                        config.server.upstream_idle_timeout,
                         budget.clone(),
                     ));
                     pools.insert(key, pool.clone());

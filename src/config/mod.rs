@@ -33,6 +33,9 @@ pub const DEFAULT_IDENTITY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connection to an upstream may take to open.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle upstream connection is reused at most: below the idle timeouts of the
+/// load balancers in front of services (60 s and more) that do not announce theirs.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a request waits for a token that is being fetched before it is answered 503.
@@ -133,6 +136,8 @@ pub struct ServerConfig {
     pub admin_listen: Option<SocketAddr>,
     pub upstream_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long an idle upstream connection is reused at most; zero: never.
+    pub upstream_idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub token_wait: Duration,
     /// Request bodies up to this size are kept for one replay after a token rejection.

@@ -16,7 +16,8 @@ use super::{
     AccountConfig, ConfigError, EnvLookup, IdentityConfig, RouteConfig, SecretSource, ServerConfig,
     TlsConfig, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY_ORIGIN,
     DEFAULT_IDENTITY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_REPLY_BYTES, DEFAULT_REPLAY_BODY_LIMIT,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_TIMEOUT,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+    DEFAULT_UPSTREAM_TIMEOUT,
 };
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
@@ -125,6 +126,7 @@ pub(super) fn parse_server(
             "admin_listen",
             "upstream_timeout",
             "connect_timeout",
+            "upstream_idle_timeout",
             "shutdown_grace",
             "token_wait",
             "replay_body_limit",
@@ -216,6 +218,7 @@ pub(super) fn parse_server(
         admin_listen: s.socket_addr("admin_listen"),
         upstream_timeout: s.duration("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT),
         connect_timeout: s.duration("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        upstream_idle_timeout: s.duration("upstream_idle_timeout", DEFAULT_UPSTREAM_IDLE_TIMEOUT),
         shutdown_grace: s.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         token_wait: s.duration("token_wait", DEFAULT_TOKEN_WAIT),
         replay_body_limit: s.integer(

@@ -145,7 +145,9 @@ impl IdentityClient {
         let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Below the five seconds a Node service keeps an idle connection: token requests
+            // are minutes apart, and one written as the service closes would fail.
+            .pool_idle_timeout(Duration::from_secs(4))
             .user_agent(concat!("mosaic-auth-proxy/", env!("CARGO_PKG_VERSION")));
         let mut url = reqwest::Url::parse(&format!("{origin}/graphql"))
             .expect("a validated origin joins with /graphql");

@@ -9,6 +9,12 @@
 //! ready again once hyper has read that end; one dropped mid-answer closes. An HTTP/2
 //! connection (agreed by ALPN, or h2c) is one per pool, shared by every request.
 //!
+//! An idle connection is reused only while the upstream surely still keeps it: for
+//! `server.upstream_idle_timeout`, or a second less than the upstream said it keeps idle
+//! connections (`Keep-Alive: timeout=5`, which Node services send), if that is shorter. A
+//! request written on a connection the upstream was closing just then could not be sent
+//! again safely.
+//!
 //! A request that a reused connection closed under before it was written is sent again on
 //! another connection; one that was written is never sent twice.
 
@@ -32,9 +38,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tower_service::Service;
 
-/// How long an idle upstream connection is kept for reuse.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How often idle connections past [`POOL_IDLE_TIMEOUT`] are closed.
+/// How much sooner than an upstream's `Keep-Alive: timeout` its idle connections stop being
+/// reused: the time for a request to reach the upstream before the upstream closes.
+pub const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
+/// How often idle connections past their time are closed.
 const REAP_EVERY: Duration = Duration::from_secs(15);
 
 /// The connector every pool opens connections with: TCP (with `server.connect_timeout`), then
@@ -67,6 +74,8 @@ pub struct Pool {
     authority: Authority,
     h2c: bool,
     connector: Connector,
+    /// How long an idle connection is reused at most (`server.upstream_idle_timeout`).
+    idle_timeout: Duration,
     /// The upstream's budget; a connection holds one of its places while it is open.
     budget: Arc<Budget>,
     idle: Mutex<Vec<Idle>>,
@@ -81,14 +90,18 @@ pub struct Pool {
 
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
-    since: Instant,
+    /// How long it may be reused once idle, as its first answer said.
+    keep_for: Duration,
+    /// Reused only before this.
+    until: Instant,
 }
 
 /// A connection a request holds.
 enum Conn {
     H1 {
         sender: http1::SendRequest<ProxyBody>,
-        reused: bool,
+        /// How long it may be reused once idle, if it has answered before (`None`: new).
+        kept: Option<Duration>,
     },
     H2 {
         sender: http2::SendRequest<ProxyBody>,
@@ -98,12 +111,13 @@ enum Conn {
 
 impl Pool {
     /// Makes the pool of `scheme://authority`, opening connections with `connector` within
-    /// `budget`.
+    /// `budget` and reusing idle ones for `idle_timeout` at most.
     pub fn new(
         scheme: Scheme,
         authority: Authority,
         h2c: bool,
         connector: Connector,
+        idle_timeout: Duration,
         budget: Arc<Budget>,
     ) -> Pool {
         let target = Uri::builder()
@@ -118,6 +132,7 @@ impl Pool {
             authority,
             h2c,
             connector,
+            idle_timeout,
             budget,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
@@ -148,7 +163,8 @@ impl Pool {
                 },
             };
             match conn {
-                Conn::H1 { mut sender, reused } => {
+                Conn::H1 { mut sender, kept } => {
+                    let reused = kept.is_some();
                     if let Err(error) = sender.ready().await {
                         // A reused connection may have closed meanwhile; a new one that
                         // cannot take a request is the upstream's answer, not retried.
@@ -161,6 +177,8 @@ impl Pool {
                         Ok(response) => {
                             let pooled = Pooled {
                                 sender,
+                                // Read once per connection: an upstream says the same each time.
+                                keep_for: kept.unwrap_or_else(|| self.keep_for(response.headers())),
                                 pool: self.clone(),
                             };
                             return Ok((response, Some(pooled)));
@@ -217,27 +235,41 @@ impl Pool {
         }
     }
 
-    /// Takes the most recently given back connection that is still open.
+    /// How long the connection of an answer with `headers` may be reused once idle: the
+    /// pool's idle timeout, or less when the upstream said how long it keeps it.
+    fn keep_for(&self, headers: &http::HeaderMap) -> Duration {
+        match headers.get(KEEP_ALIVE).and_then(keep_alive_timeout) {
+            Some(kept) => kept
+                .saturating_sub(KEEP_ALIVE_MARGIN)
+                .min(self.idle_timeout),
+            None => self.idle_timeout,
+        }
+    }
+
+    /// Takes the most recently given back connection that is still open and within its time;
+    /// the others it passes are closed.
     fn take_idle(&self) -> Option<Conn> {
+        let now = Instant::now();
         let mut idle = lock(&self.idle);
         while let Some(entry) = idle.pop() {
-            if !entry.sender.is_closed() {
+            if now < entry.until && !entry.sender.is_closed() {
                 return Some(Conn::H1 {
                     sender: entry.sender,
-                    reused: true,
+                    kept: Some(entry.keep_for),
                 });
             }
         }
         None
     }
 
-    fn give_back(self: &Arc<Self>, sender: http1::SendRequest<ProxyBody>) {
-        if sender.is_closed() {
+    fn give_back(self: &Arc<Self>, sender: http1::SendRequest<ProxyBody>, keep_for: Duration) {
+        if keep_for.is_zero() || sender.is_closed() {
             return;
         }
         lock(&self.idle).push(Idle {
             sender,
-            since: Instant::now(),
+            keep_for,
+            until: Instant::now() + keep_for,
         });
         self.returned.notify_one();
         // Read first: a swap on every request would write the shared line each time.
@@ -320,18 +352,13 @@ impl Pool {
                     tracing::debug!(%error, "an upstream connection ended");
                 }
             });
-            Ok(Conn::H1 {
-                sender,
-                reused: false,
-            })
+            Ok(Conn::H1 { sender, kept: None })
         }
     }
 
-    /// Closes the idle connections given back longer than [`POOL_IDLE_TIMEOUT`] ago.
+    /// Closes the idle connections past their time.
     fn reap(&self, now: Instant) {
-        lock(&self.idle).retain(|entry| {
-            !entry.sender.is_closed() && now.duration_since(entry.since) < POOL_IDLE_TIMEOUT
-        });
+        lock(&self.idle).retain(|entry| now < entry.until && !entry.sender.is_closed());
     }
 }
 
@@ -365,14 +392,32 @@ fn spawn_reaper(pool: Weak<Pool>) {
 /// An HTTP/1.1 connection that carried a request whose answer is still being read.
 pub struct Pooled {
     sender: http1::SendRequest<ProxyBody>,
+    /// How long it may be reused once idle.
+    keep_for: Duration,
     pool: Arc<Pool>,
 }
 
 impl Pooled {
     /// Gives the connection back for reuse: its answer has been read to the end.
     pub fn give_back(self) {
-        self.pool.give_back(self.sender);
+        self.pool.give_back(self.sender, self.keep_for);
     }
+}
+
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+
+/// Reads how long an upstream keeps an idle connection from its `Keep-Alive` header
+/// (`timeout=5, max=1000`); `None` if the header does not say.
+fn keep_alive_timeout(value: &http::HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    text.split(',').find_map(|param| {
+        let (name, seconds) = param.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        let seconds = seconds.trim().trim_matches('"');
+        seconds.parse::<u64>().ok().map(Duration::from_secs)
+    })
 }
 
 impl std::fmt::Debug for Pooled {
@@ -439,6 +484,14 @@ mod tests {
     /// connection `close_after` after its first answer if that is given, without saying so.
     /// Returns its address and the count of connections it accepted.
     async fn upstream(close_after: Option<Duration>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        upstream_saying("", close_after).await
+    }
+
+    /// [`upstream`], with `fields` (header lines, each ending in CRLF) in every answer.
+    async fn upstream_saying(
+        fields: &'static str,
+        close_after: Option<Duration>,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         counting_listener(move |mut tcp| async move {
             let mut buf = vec![0; 4096];
             loop {
@@ -449,8 +502,8 @@ mod tests {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                if tcp.write_all(answer).await.is_err() {
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{fields}\r\nok");
+                if tcp.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
                 if let Some(after) = close_after {
@@ -466,7 +519,13 @@ mod tests {
         lock(&pool.idle).len()
     }
 
+    const IDLE: Duration = Duration::from_secs(30);
+
     fn pool_for(addr: std::net::SocketAddr) -> Arc<Pool> {
+        pool_keeping(addr, IDLE)
+    }
+
+    fn pool_keeping(addr: std::net::SocketAddr, idle_timeout: Duration) -> Arc<Pool> {
         let budget = super::super::upstream::Budgets::new([(String::new(), 4)])
             .get("")
             .unwrap();
@@ -479,6 +538,7 @@ mod tests {
                 None,
                 Duration::from_secs(1),
             ),
+            idle_timeout,
             budget,
         ))
     }
@@ -509,10 +569,69 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
-        pool.reap(Instant::now() + POOL_IDLE_TIMEOUT - Duration::from_secs(1));
+        pool.reap(Instant::now() + IDLE - Duration::from_secs(1));
         assert_eq!(idle_count(&pool), 1, "reaped before its time");
-        pool.reap(Instant::now() + POOL_IDLE_TIMEOUT);
+        pool.reap(Instant::now() + IDLE);
         assert_eq!(idle_count(&pool), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_idle_timeout_is_not_reused() {
+        let (addr, accepted) = upstream(None).await;
+        let pool = pool_keeping(addr, Duration::from_millis(300));
+        get(&pool).await.unwrap().give_back();
+        get(&pool).await.unwrap().give_back();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        get(&pool).await.unwrap().give_back();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "reused past its time");
+        assert_eq!(idle_count(&pool), 1, "the expired connection was kept");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_until_a_second_before_the_upstream_said_it_closes() {
+        // The upstream keeps idle connections for 2 s and says so, as a Node service does
+        // (5 s there); it never closes one here, so only the pool decides.
+        let (addr, accepted) = upstream_saying("keep-alive: timeout=2\r\n", None).await;
+        let pool = pool_for(addr);
+        get(&pool).await.unwrap().give_back();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        get(&pool).await.unwrap().give_back();
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "not reused within its time"
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        get(&pool).await.unwrap().give_back();
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "reused although the upstream may be closing it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_keeps_a_second_or_less_is_not_kept() {
+        let (addr, accepted) = upstream_saying("Keep-Alive: timeout=1, max=100\r\n", None).await;
+        let pool = pool_for(addr);
+        get(&pool).await.unwrap().give_back();
+        assert_eq!(idle_count(&pool), 0);
+        get(&pool).await.unwrap().give_back();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_keep_alive_timeout_is_read_from_any_place_of_the_header() {
+        let read = |text: &'static str| keep_alive_timeout(&http::HeaderValue::from_static(text));
+        assert_eq!(read("timeout=5"), Some(Duration::from_secs(5)));
+        assert_eq!(read("timeout=5, max=1000"), Some(Duration::from_secs(5)));
+        assert_eq!(read("max=100, Timeout = 15"), Some(Duration::from_secs(15)));
+        assert_eq!(read("timeout=\"7\""), Some(Duration::from_secs(7)));
+        assert_eq!(read("max=100"), None);
+        assert_eq!(read("timeout=soon"), None);
+        assert_eq!(read("timeout=-1"), None);
+        assert_eq!(read(""), None);
     }
 
     #[tokio::test]

@@ -277,7 +277,16 @@ impl IdentityStub {
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
         let connections = Default::default();
-        super::serve_stand_in(self.listener, self.state, answer, connections, shutdown).await;
+        let keep_alive = super::NODE_KEEP_ALIVE;
+        super::serve_stand_in(
+            self.listener,
+            self.state,
+            answer,
+            connections,
+            keep_alive,
+            shutdown,
+        )
+        .await;
     }
 }
 

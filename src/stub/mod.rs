@@ -60,6 +60,10 @@ pub fn error_body(
 /// Connections a stand-in serves at once.
 const STAND_IN_MAX_CONNECTIONS: usize = 4096;
 
+/// How long a stand-in keeps an idle connection, as a Node service does by default
+/// (`server.keepAliveTimeout`); it says so in each answer (`Keep-Alive: timeout=5`).
+pub const NODE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Counts a stand-in's connections: opened so far, and open now.
 #[derive(Debug, Default)]
 pub struct Connections {
@@ -100,12 +104,14 @@ impl Drop for Open {
 }
 
 /// Serves a stand-in: each request is answered by `answer` with the shared `state`; its
-/// connections are counted in `connections`.
+/// connections are counted in `connections`, and closed once idle for `keep_alive`, as
+/// each answer announces.
 async fn serve_stand_in<S, F, Fut>(
     listener: tokio::net::TcpListener,
     state: std::sync::Arc<S>,
     answer: F,
     connections: std::sync::Arc<Connections>,
+    keep_alive: std::time::Duration,
     shutdown: crate::shutdown::Shutdown,
 ) where
     S: Send + Sync + 'static,
@@ -119,16 +125,30 @@ async fn serve_stand_in<S, F, Fut>(
 {
     let limits = crate::config::ConnectionLimits {
         max_connections: Some(STAND_IN_MAX_CONNECTIONS),
+        idle_timeout: keep_alive,
         ..Default::default()
     };
+    let announced = http::HeaderValue::from_str(&format!("timeout={}", keep_alive.as_secs()))
+        .expect("a number is a header value");
     crate::server::serve(
         listener,
         move |_| {
             let state = state.clone();
             let open = Open::new(&connections);
+            let announced = announced.clone();
             hyper::service::service_fn(move |request| {
                 let _counted = &open;
-                answer(state.clone(), request)
+                let answered = answer(state.clone(), request);
+                let announced = announced.clone();
+                async move {
+                    let mut response = answered.await?;
+                    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                        response
+                            .headers_mut()
+                            .insert(http::HeaderName::from_static("keep-alive"), announced);
+                    }
+                    Ok::<_, BoxError>(response)
+                }
             })
         },
         limits,

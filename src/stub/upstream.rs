@@ -120,6 +120,7 @@ impl UpstreamHandle {
 pub struct MosaicUpstream {
     listener: TcpListener,
     state: Arc<State>,
+    keep_alive: Duration,
 }
 
 impl MosaicUpstream {
@@ -146,7 +147,14 @@ impl MosaicUpstream {
                 requests: tokio::sync::watch::Sender::new(0),
                 hold_until: AtomicU64::new(0),
             }),
+            keep_alive: super::NODE_KEEP_ALIVE,
         })
+    }
+
+    /// Keeps idle connections for `seconds` (at least one, and says so) instead of Node's five.
+    pub fn keep_alive(mut self, seconds: u64) -> MosaicUpstream {
+        self.keep_alive = Duration::from_secs(seconds.max(1));
+        self
     }
 
     /// Returns the bound address.
@@ -164,7 +172,15 @@ impl MosaicUpstream {
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
         let connections = self.state.connections.clone();
-        super::serve_stand_in(self.listener, self.state, answer, connections, shutdown).await;
+        super::serve_stand_in(
+            self.listener,
+            self.state,
+            answer,
+            connections,
+            self.keep_alive,
+            shutdown,
+        )
+        .await;
     }
 }
 

@@ -1,6 +1,7 @@
 //! A client cannot multiply the work it causes upstream: cancelled forwarded streams are
 //! budgeted per connection, abandoned answers keep their pooled connections, and each
-//! upstream has a budget of connections.
+//! upstream has a budget of connections. Pooled connections are reused only while the
+//! upstream keeps them.
 
 use crate::support::*;
 use http::{Request, StatusCode};
@@ -199,4 +200,42 @@ async fn an_upstream_budget_bounds_connections_and_the_rest_wait_or_get_503() {
     assert!(most <= 50, "{most} upstream connections were open at once");
     let opened = stubs.upstream.connections().opened();
     assert!(opened <= 50, "{opened} upstream connections were opened");
+}
+
+#[tokio::test]
+async fn an_idle_upstream_connection_is_reused_only_while_the_upstream_keeps_it() {
+    // The upstream keeps an idle connection for 2 s and says so, as a Node service says 5 s.
+    let stubs = Stubs::start_keeping(StubSettings::default(), 2).await;
+    let proxy = TestProxy::start(&stubs.config("", "")).await.ready().await;
+    let connections = stubs.upstream.connections();
+    assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
+    assert_eq!(connections.opened(), 1, "not reused within its time");
+
+    // From a second before the upstream would close it, it is not reused but closed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(connections.open(), 1, "the upstream closed it already");
+    assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
+    assert_eq!(
+        connections.opened(),
+        2,
+        "reused as the upstream may be closing it"
+    );
+    let closed = eventually(PATIENCE, async || connections.open() == 1).await;
+    assert!(closed, "the connection passed over was not closed");
+}
+
+#[tokio::test]
+async fn server_upstream_idle_timeout_bounds_the_reuse_of_an_idle_connection() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let config = stubs.config_with_server("upstream_idle_timeout = \"200ms\"", "", "");
+    let proxy = TestProxy::start(&config).await.ready().await;
+    let connections = stubs.upstream.connections();
+    assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
+    assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
+    assert_eq!(connections.opened(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
+    assert_eq!(connections.opened(), 2);
 }

@@ -291,6 +291,7 @@ fn trusted_proxies_take_networks_and_single_addresses() {
 fn upstream_and_cancel_budgets_have_defaults_and_named_errors() {
     let config = Config::parse(VALID, &env).unwrap();
     assert_eq!(config.server.upstream_max_connections, 256);
+    assert_eq!(config.server.upstream_idle_timeout, Duration::from_secs(30));
     assert_eq!(config.server.limits.max_cancelled_streams, 100);
     assert_eq!(
         config.server.limits.cancelled_streams_window,

@@ -12,6 +12,7 @@ use mosaic_auth_proxy::identity::Account;
 use mosaic_auth_proxy::shutdown::{self, ShutdownTrigger};
 use mosaic_auth_proxy::stub::{
     IdentityStub, MosaicUpstream, SigningKey, StubHandle, StubSettings, UpstreamHandle,
+    NODE_KEEP_ALIVE,
 };
 use mosaic_auth_proxy::{App, Config};
 use std::net::SocketAddr;
@@ -55,6 +56,11 @@ pub struct Stubs {
 
 impl Stubs {
     pub async fn start(settings: StubSettings) -> Stubs {
+        Stubs::start_keeping(settings, NODE_KEEP_ALIVE.as_secs()).await
+    }
+
+    /// Like [`Stubs::start`], with an upstream that keeps idle connections for `seconds`.
+    pub async fn start_keeping(settings: StubSettings, seconds: u64) -> Stubs {
         let (trigger, signal) = shutdown::channel();
         let identity = IdentityStub::bind(loopback(), settings, SigningKey::bundled())
             .await
@@ -63,7 +69,8 @@ impl Stubs {
         tokio::spawn(identity.run(signal.clone()));
         let upstream = MosaicUpstream::bind(loopback(), handle.origin())
             .await
-            .unwrap();
+            .unwrap()
+            .keep_alive(seconds);
         let upstream_addr = upstream.local_addr();
         let upstream_handle = upstream.handle();
         tokio::spawn(upstream.run(signal.clone()));
