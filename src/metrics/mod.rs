@@ -66,6 +66,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabel, Histogram>,
     upstream_duration: Family<RouteLabel, Histogram>,
     upstream_errors: Family<RouteStatusLabels, Counter>,
+    upstream_resent: Family<RouteLabel, Counter>,
     in_flight: Gauge,
     client_connections: Gauge,
 }
@@ -78,6 +79,7 @@ impl Metrics {
         let request_duration = Family::default();
         let upstream_duration = Family::default();
         let upstream_errors = Family::default();
+        let upstream_resent = Family::default();
         let in_flight = Gauge::default();
         let client_connections = Gauge::default();
         registry.register(
@@ -101,6 +103,11 @@ impl Metrics {
             upstream_errors.clone(),
         );
         registry.register(
+            "upstream_resent",
+            "Idempotent requests sent once more on a new connection after the upstream closed a reused one under them",
+            upstream_resent.clone(),
+        );
+        registry.register(
             "requests_in_flight",
             "Requests being answered now",
             in_flight.clone(),
@@ -117,6 +124,7 @@ impl Metrics {
             request_duration,
             upstream_duration,
             upstream_errors,
+            upstream_resent,
             in_flight,
             client_connections,
         }
@@ -140,6 +148,7 @@ impl Metrics {
             duration: self.request_duration.get_or_create(&label).clone(),
             upstream: self.upstream_duration.get_or_create(&label).clone(),
             errors,
+            resent: self.upstream_resent.get_or_create(&label).clone(),
             in_flight: self.in_flight.clone(),
         })
     }
@@ -168,6 +177,7 @@ pub struct RouteMetrics {
     duration: Histogram,
     upstream: Histogram,
     errors: [Counter; 4],
+    resent: Counter,
     in_flight: Gauge,
 }
 
@@ -207,6 +217,11 @@ impl RouteMetrics {
     /// Counts an upstream failure.
     pub fn upstream_failed(&self, kind: UpstreamError) {
         self.errors[kind as usize].inc();
+    }
+
+    /// Counts a request sent once more after the upstream closed a reused connection under it.
+    pub fn upstream_resent(&self) {
+        self.resent.inc();
     }
 
     /// Returns the route's name, its label.

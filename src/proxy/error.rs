@@ -49,6 +49,8 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("the upstream connection failed")]
     Upstream(#[source] hyper::Error),
+    #[error("the upstream closed the connection before answering")]
+    UpstreamDropped(#[source] hyper::Error),
     #[error("the upstream's answer broke off")]
     UpstreamBody(#[source] BoxError),
     #[error("the upstream switched protocols for a request that asked for no upgrade")]
@@ -125,6 +127,7 @@ impl ProxyError {
                 Fault::Upstream,
             ),
             ProxyError::Upstream(_)
+            | ProxyError::UpstreamDropped(_)
             | ProxyError::UpstreamBody(_)
             | ProxyError::UpstreamSwitched => {
                 (StatusCode::BAD_GATEWAY, "upstream_failed", Fault::Upstream)
@@ -145,6 +148,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_) => Some(UpstreamError::Connect),
             ProxyError::UpstreamTimeout(_) => Some(UpstreamError::Timeout),
             ProxyError::Upstream(_)
+            | ProxyError::UpstreamDropped(_)
             | ProxyError::UpstreamBody(_)
             | ProxyError::UpstreamSwitched => Some(UpstreamError::Broken),
             _ => None,

@@ -12,11 +12,11 @@
 //! An idle connection is reused only while the upstream surely still keeps it: for
 //! `server.upstream_idle_timeout`, or a second less than the upstream said it keeps idle
 //! connections (`Keep-Alive: timeout=5`, which Node services send), if that is shorter. A
-//! request written on a connection the upstream was closing just then could not be sent
-//! again safely.
+//! request written on a connection the upstream was closing just then may have reached it.
 //!
 //! A request that a reused connection closed under before it was written is sent again on
-//! another connection; one that was written is never sent twice.
+//! another connection. One that was written is not sent again here: the pool tells the
+//! caller, which may send an idempotent request once more ([`SendError::Dropped`]).
 
 use super::body::ProxyBody;
 use super::upstream::Budget;
@@ -57,6 +57,10 @@ pub enum SendError {
     /// The connection failed while the request was sent or its answer awaited.
     #[error("the upstream connection failed")]
     Exchange(#[source] hyper::Error),
+    /// A reused connection closed or was reset after the request was written, before an
+    /// answer: most likely the upstream was closing it just then, or went away.
+    #[error("the upstream closed a reused connection before answering")]
+    Dropped(#[source] hyper::Error),
 }
 
 /// What sending a request gives: the answer, and the HTTP/1.1 connection it came on, to be
@@ -143,19 +147,24 @@ impl Pool {
     }
 
     /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) and waits for the
-    /// answer's head.
-    pub fn send(self: &Arc<Self>, request: Request<ProxyBody>) -> Sending {
-        Box::pin(Arc::clone(self).exchange(request))
+    /// answer's head. With `new_connection`, an HTTP/1.1 request does not take an idle
+    /// connection (unless the budget is spent and one is given back).
+    pub fn send(self: &Arc<Self>, request: Request<ProxyBody>, new_connection: bool) -> Sending {
+        Box::pin(Arc::clone(self).exchange(request, new_connection))
     }
 
-    async fn exchange(self: Arc<Self>, mut request: Request<ProxyBody>) -> Result<Sent, SendError> {
+    async fn exchange(
+        self: Arc<Self>,
+        mut request: Request<ProxyBody>,
+        new_connection: bool,
+    ) -> Result<Sent, SendError> {
         loop {
             let conn = match self.ready_h2() {
                 Some(sender) => Conn::H2 {
                     sender,
                     reused: true,
                 },
-                None => match self.take_idle() {
+                None => match (!new_connection).then(|| self.take_idle()).flatten() {
                     Some(conn) => conn,
                     // Boxed: connecting (TCP, TLS, a handshake) is rare and would make every
                     // request's future several kilobytes.
@@ -186,7 +195,13 @@ impl Pool {
                         Err(mut error) => match error.take_message() {
                             // Not written: the connection closed first. Another one may take it.
                             Some(unsent) if reused => request = unsent,
-                            _ => return Err(SendError::Exchange(error.into_error())),
+                            _ => {
+                                let error = error.into_error();
+                                if reused && closed_before_answer(&error) {
+                                    return Err(SendError::Dropped(error));
+                                }
+                                return Err(SendError::Exchange(error));
+                            }
                         },
                     }
                 }
@@ -404,6 +419,21 @@ impl Pooled {
     }
 }
 
+/// Tells whether `error` says the connection ended (closed or reset) before an answer came.
+fn closed_before_answer(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let io = std::error::Error::source(error).and_then(|e| e.downcast_ref::<std::io::Error>());
+    io.is_some_and(|e| {
+        matches!(
+            e.kind(),
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+        )
+    })
+}
+
 const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 
 /// Reads how long an upstream keeps an idle connection from its `Keep-Alive` header
@@ -549,7 +579,7 @@ mod tests {
             .header(header::HOST, "upstream")
             .body(ProxyBody::full(""))
             .unwrap();
-        let (response, conn) = pool.send(request).await.unwrap();
+        let (response, conn) = pool.send(request, false).await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -668,7 +698,7 @@ mod tests {
             .header(header::HOST, "upstream")
             .body(ProxyBody::full(""))
             .unwrap();
-        let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(request))
+        let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(request, false))
             .await
             .expect("the failure is reported, not retried until the caller gives up");
         assert!(sent.is_err());

@@ -101,6 +101,16 @@ impl<'a> Replay<'a> {
             _budget: None,
         }
     }
+
+    /// Makes the request again, carrying `token`.
+    fn request(&self, token: HeaderValue) -> Request<ProxyBody> {
+        let mut request = Request::new(ProxyBody::full(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request.headers_mut().insert(header::AUTHORIZATION, token);
+        request
+    }
 }
 
 impl Proxy {
@@ -213,8 +223,13 @@ impl Proxy {
                 upgrade,
             } = self.outbound(request, client, record).await?;
 
-            // Forward.
-            let response = self.forward(route, request, client).await?;
+            // Forward; once more if the upstream closed a reused connection under it.
+            let response = match self.forward(route, request, client, false).await {
+                Err(ProxyError::UpstreamDropped(error)) => {
+                    Box::pin(self.resend(route, &sent, replay.as_ref(), client, error)).await?
+                }
+                answered => answered?,
+            };
             if let Some((on_upgrade, asked)) = upgrade {
                 let tunnel = TunnelParts {
                     account: route.account.clone(),
@@ -449,14 +464,15 @@ impl Proxy {
         permit.map(Some)
     }
 
-    /// Sends a request upstream within the upstream's budget and waits, bounded, for the
-    /// response head.
+    /// Sends a request upstream (on a new connection, if `new_connection`) within the
+    /// upstream's budget and waits, bounded, for the response head.
     #[allow(clippy::manual_async_fn)] // the request once, not twice: see `handle`
     fn forward<'a>(
         &'a self,
         route: &'a Route,
         request: Request<ProxyBody>,
         client: &'a ProxyService,
+        new_connection: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + 'a {
         async move {
             let budget = &route.budget;
@@ -467,7 +483,8 @@ impl Proxy {
                 });
             };
             let sending = Instant::now();
-            let mut exchange = Exchange::new(route.pool.send(request), slot, client.0.conn.clone());
+            let to_upstream = route.pool.send(request, new_connection);
+            let mut exchange = Exchange::new(to_upstream, slot, client.0.conn.clone());
             let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
             let Ok(answered) = answered else {
                 exchange.give_up();
@@ -481,9 +498,34 @@ impl Proxy {
                 None => match e {
                     SendError::Connect(e) => ProxyError::UpstreamConnect(e),
                     SendError::Exchange(e) => ProxyError::Upstream(e),
+                    SendError::Dropped(e) => ProxyError::UpstreamDropped(e),
                 },
             })
         }
+    }
+
+    /// After the upstream closed a reused connection under a request it was sent: sends it
+    /// once more, on a new connection, if its method is idempotent (RFC 9110 §9.2.2: it may
+    /// be repeated after a failure before its answer) and it was kept; otherwise the failure
+    /// stands.
+    async fn resend(
+        &self,
+        route: &Route,
+        sent: &HeaderValue,
+        replay: Option<&Replay<'_>>,
+        client: &ProxyService,
+        error: hyper::Error,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let Some(kept) = replay.filter(|r| r.method.is_idempotent()) else {
+            return Err(ProxyError::UpstreamDropped(error));
+        };
+        tracing::debug!(
+            route = %route.name, error = %crate::error_chain(&error),
+            "the upstream closed a reused connection under a request; sending it once more"
+        );
+        route.metrics.upstream_resent();
+        let request = kept.request(sent.clone());
+        self.forward(route, request, client, true).await
     }
 
     /// After an upstream refused the token `sent`: one shared refresh, then at most one
@@ -510,15 +552,9 @@ impl Proxy {
         if let ProxyBody::Upstream(body) = original.into_body() {
             body.discard();
         }
-        let mut request = Request::new(ProxyBody::full(replay.body));
-        *request.method_mut() = replay.method;
-        *request.uri_mut() = replay.uri;
-        *request.headers_mut() = replay.headers;
-        request
-            .headers_mut()
-            .insert(header::AUTHORIZATION, fresh.clone());
+        let request = replay.request(fresh.clone());
         tracing::debug!(route = %route.name, "replaying a refused request with a fresh token");
-        match inspect(self.forward(route, request, client).await?).await? {
+        match inspect(self.forward(route, request, client, false).await?).await? {
             Inspected::Pass(response) => Ok((response, ReplayOutcome::Ok)),
             Inspected::Rejected(response, code) => {
                 // Never a second replay; the breaker counts a fresh token refused.

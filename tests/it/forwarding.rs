@@ -7,6 +7,8 @@ use http_body_util::BodyExt;
 use mosaic_auth_proxy::jwt;
 use mosaic_auth_proxy::stub::body::{pattern_byte, PatternBody};
 use mosaic_auth_proxy::stub::{StubAccount, StubSettings};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -454,4 +456,112 @@ async fn further_listeners_serve_their_own_routes_with_their_own_accounts_over_t
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(json["data"]["whoami"]["name"], "demo-client (stand-in)");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An upstream that answers the first request on each connection `200 ok` and closes the
+/// connection under any later one, unanswered, as an upstream does whose idle close crossed
+/// the request. Returns its address, and the connections and requests it has seen.
+async fn closing_under_the_second_request() -> (std::net::SocketAddr, Arc<AtomicU64>, Arc<AtomicU64>)
+{
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connections, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counts = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counts.0.fetch_add(1, SeqCst);
+            let requests = counts.1.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = vec![0; 4096];
+                for answered in [true, false] {
+                    // A head, and as many body bytes as it announces.
+                    let head_end = loop {
+                        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&seen[..head_end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |n| n.trim().parse().unwrap());
+                    while seen.len() < head_end + length {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    seen.drain(..head_end + length);
+                    requests.fetch_add(1, SeqCst);
+                    if answered {
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                // Closed under the second request, unanswered.
+            });
+        }
+    });
+    (addr, connections, requests)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_the_upstream_closed_a_reused_connection_under_is_sent_once_more() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let (up, connections, requests) = closing_under_the_second_request().await;
+    let routes = format!(
+        "[[routes]]\npath_prefix = \"/flaky\"\nupstream = \"http://{up}\"\naccount = \"main\"\n\
+         [[routes]]\npath_prefix = \"/unkept\"\nupstream = \"http://{up}\"\naccount = \"main\"\nreplay = false\n"
+    );
+    let proxy = TestProxy::start(&stubs.config("", &routes))
+        .await
+        .ready()
+        .await;
+    let with_body = |method: Method, path: &str| {
+        let body = http_body_util::Full::new(Bytes::from_static(b"{\"a\":1}"))
+            .map_err(|never| match never {})
+            .boxed();
+        Request::builder()
+            .method(method)
+            .uri(proxy.url(path))
+            .body(body)
+            .unwrap()
+    };
+    let counts = || (connections.load(SeqCst), requests.load(SeqCst));
+
+    assert_eq!(get(&proxy.url("/flaky/a")).await.status, StatusCode::OK);
+    assert_eq!(counts(), (1, 1));
+    // Sent on the kept connection, which the upstream closes under it: sent once more.
+    assert_eq!(get(&proxy.url("/flaky/b")).await.status, StatusCode::OK);
+    assert_eq!(counts(), (2, 3));
+    // An idempotent request with a kept body goes again with its body.
+    let reply = send(&client(), with_body(Method::PUT, "/flaky/c")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(counts(), (3, 5));
+
+    // A POST may have been acted on: its failure stands.
+    let reply = send(&client(), with_body(Method::POST, "/flaky/d")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["error"], "upstream_failed");
+    assert_eq!(counts(), (3, 6));
+    // So does a request of which nothing was kept (the route keeps no replay).
+    assert_eq!(get(&proxy.url("/unkept/e")).await.status, StatusCode::OK);
+    assert_eq!(counts(), (4, 7));
+    let reply = get(&proxy.url("/unkept/f")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(counts(), (4, 8));
+
+    let metrics = get(&format!("http://{}/metrics", proxy.admin)).await.body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("mosaic_auth_proxy_upstream_resent_total{route=\"*/flaky\"} 2"),
+        "{metrics}"
+    );
 }
