@@ -11,6 +11,7 @@ use mosaic_auth_proxy::stub::{
 };
 use mosaic_auth_proxy::{app, App};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -346,7 +347,11 @@ async fn run(
     tokio::spawn(app::reload_on_hangup(app.live()));
     let wait_ready = wait_ready.map(Duration::from_secs);
     match app
-        .run_when_ready(signal, wait_ready, || println!("ready"))
+        .run_when_ready(signal, wait_ready, || {
+            // Like a log line, never worth a panic if stdout is gone.
+            let mut stdout = std::io::stdout();
+            let _ = writeln!(stdout, "ready").and_then(|()| stdout.flush());
+        })
         .await
     {
         Ok(()) => ExitCode::SUCCESS,
@@ -422,7 +427,10 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A line that cannot be written (stderr a pipe whose reader is gone) is dropped: the
+        // default complaint about it goes to stderr too, and fails there with a panic.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -41,8 +41,9 @@ pub fn channel_on_signal() -> (ShutdownTrigger, Shutdown) {
 /// Triggers shutdown on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn trigger_on_signal(trigger: ShutdownTrigger) {
     wait_for_signal().await;
-    tracing::info!("shutting down");
+    // First: shutdown must not hang on a log line.
     trigger.trigger();
+    tracing::info!("shutting down");
 }
 
 async fn wait_for_signal() {

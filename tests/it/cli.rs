@@ -149,29 +149,60 @@ fn sigterm_during_wait_ready_stops_at_once() {
         let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
         rest
     });
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
     // Bounded: --wait-ready would keep it for a minute; the signal must end it long before.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() >= deadline {
-            child.kill().unwrap();
-            panic!("SIGTERM did not stop the wait");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = terminate(&mut child);
     let rest = rest.join().unwrap();
     assert_eq!(status.code(), Some(0), "{first}{rest}");
     assert!(
         rest.contains("stopped before every account held a token"),
         "{rest}"
     );
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit, at most 20 s (then kills it and fails).
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() >= deadline {
+            child.kill().unwrap();
+            panic!("SIGTERM did not stop the proxy");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_stops_the_proxy_when_its_log_and_output_pipes_are_gone() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let file = config_file("gone", &format!("http://{closed}"));
+    let mut child = binary()
+        .args(["run", "--config"])
+        .arg(&file)
+        .env("A_SECRET", "demo-secret")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Serving by the first log line; then whatever reads its output goes away, as a log
+    // collector that died would.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    drop(stderr);
+    drop(child.stdout.take());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(terminate(&mut child).code(), Some(0), "{first}");
 }
 
 /// Starts the identity stand-in in process.
