@@ -124,26 +124,43 @@ fn wait_ready_exits_69_with_the_reason_when_no_token_arrives_in_time() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
 }
 
-#[test]
-fn sigterm_during_wait_ready_stops_at_once() {
+/// Starts `run --config` with `args` first, against an identity service that refuses
+/// connections, its output piped. Returns once it has logged its first line: the process,
+/// that line and the rest of its log.
+fn run_without_identity(
+    name: &str,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::io::BufReader<std::process::ChildStderr>,
+) {
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let file = config_file("term", &format!("http://{closed}"));
+    let file = config_file(name, &format!("http://{closed}"));
     let mut child = binary()
-        .args(["run", "--wait-ready", "60", "--config"])
+        .arg("run")
+        .args(args)
+        .arg("--config")
         .arg(&file)
         .env("A_SECRET", "demo-secret")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The first failed token request is logged: the proxy is waiting by then. The rest of
-    // its log is read to the end, so that it never writes to a closed pipe.
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
     stderr.read_line(&mut first).unwrap();
+    (child, first, stderr)
+}
+
+#[test]
+fn sigterm_during_wait_ready_stops_at_once() {
+    // The first failed token request is logged: the proxy is waiting by then. The rest of
+    // its log is read to the end, so that it never writes to a closed pipe.
+    let (mut child, first, mut stderr) = run_without_identity("term", &["--wait-ready", "60"]);
     let rest = std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
@@ -181,24 +198,9 @@ fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
 
 #[test]
 fn sigterm_stops_the_proxy_when_its_log_and_output_pipes_are_gone() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let file = config_file("gone", &format!("http://{closed}"));
-    let mut child = binary()
-        .args(["run", "--config"])
-        .arg(&file)
-        .env("A_SECRET", "demo-secret")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // Serving by the first log line; then whatever reads its output goes away, as a log
     // collector that died would.
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    stderr.read_line(&mut first).unwrap();
+    let (mut child, first, stderr) = run_without_identity("gone", &[]);
     drop(stderr);
     drop(child.stdout.take());
     std::thread::sleep(std::time::Duration::from_millis(200));
