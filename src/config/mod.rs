@@ -33,6 +33,8 @@ pub const DEFAULT_IDENTITY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connection to an upstream may take to open.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes per second a request body must average beyond `body_timeout` of waiting.
+pub const DEFAULT_MIN_BODY_RATE: u64 = 240;
 /// How long an idle upstream connection is reused at most: below the idle timeouts of the
 /// load balancers in front of services (60 s and more) that do not announce theirs.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -146,6 +148,9 @@ pub struct ServerConfig {
     pub replay_memory: u64,
     /// The longest gap between two pieces of a request body (then 408 or a reset).
     pub body_timeout: Duration,
+    /// Bytes per second of waiting a request body must average once it has been waited on
+    /// for longer than `body_timeout`; 0: no minimum.
+    pub min_body_rate: u64,
     /// The longest request target; longer ones are answered 414.
     pub max_uri_bytes: usize,
     /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are extended, not replaced.

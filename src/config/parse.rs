@@ -15,9 +15,9 @@ use super::{
 use super::{
     AccountConfig, ConfigError, EnvLookup, IdentityConfig, RouteConfig, SecretSource, ServerConfig,
     TlsConfig, Upstream, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDENTITY_ORIGIN,
-    DEFAULT_IDENTITY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_REPLY_BYTES, DEFAULT_REPLAY_BODY_LIMIT,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT, DEFAULT_UPSTREAM_IDLE_TIMEOUT,
-    DEFAULT_UPSTREAM_TIMEOUT,
+    DEFAULT_IDENTITY_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_REPLY_BYTES, DEFAULT_MIN_BODY_RATE,
+    DEFAULT_REPLAY_BODY_LIMIT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TOKEN_WAIT,
+    DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT,
 };
 use crate::identity::breaker::BreakerPolicy;
 use crate::identity::refresh::{RefreshPolicy, RetryPolicy};
@@ -132,6 +132,7 @@ pub(super) fn parse_server(
             "replay_body_limit",
             "replay_memory",
             "body_timeout",
+            "min_body_rate",
             "max_uri_bytes",
             "trusted_proxies",
             "tunnel_idle_timeout",
@@ -232,6 +233,7 @@ pub(super) fn parse_server(
             (0, 16 * 1024 * 1024 * 1024),
         ),
         body_timeout: s.duration("body_timeout", DEFAULT_BODY_TIMEOUT),
+        min_body_rate: s.integer("min_body_rate", DEFAULT_MIN_BODY_RATE, (0, 1 << 30)),
         max_uri_bytes: s.integer("max_uri_bytes", DEFAULT_MAX_URI_BYTES as u64, (256, 65_534))
             as usize,
         trusted_proxies,

@@ -109,34 +109,75 @@ impl Body for Metered {
     }
 }
 
-/// The client paused its request body for longer than `server.body_timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error("the client sent no request body bytes for {} (server.body_timeout)", humantime::format_duration(*.0))]
-pub struct BodyTimeout(pub Duration);
+/// The client was too slow with its request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyTimeout {
+    /// It paused for longer than `server.body_timeout`.
+    #[error("the client sent no request body bytes for {} (server.body_timeout)", humantime::format_duration(*.0))]
+    Gap(Duration),
+    /// Beyond `server.body_timeout` of waiting, it sent fewer bytes per second of it than
+    /// `server.min_body_rate`.
+    #[error("the client sent its request body slower than {0} bytes/s (server.min_body_rate)")]
+    Slow(u64),
+}
 
-/// A request body that fails with [`BodyTimeout`] when no bytes come for `gap` while it is
-/// being read. Time spent while the reader is not asking (the upstream is slow to take the
-/// body) does not count against the client.
+/// The bounds on how slowly a client may send a request body.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyPace {
+    /// The longest pause (`server.body_timeout`), and the waiting allowed before the rate
+    /// counts.
+    pub gap: Duration,
+    /// Bytes per second of waiting, at least (`server.min_body_rate`); 0: any.
+    pub min_rate: u64,
+}
+
+/// A request body that fails with [`BodyTimeout`] when no bytes come for `pace.gap` while it
+/// is being read, or, once it has been waited on for longer than that, fewer than
+/// `pace.min_rate` bytes came per second of waiting: a body trickled a byte at a time holds
+/// its connections no longer than one that stops. Time spent while the reader is not asking
+/// (the upstream is slow to take the body) does not count against the client.
 #[derive(Debug)]
 pub struct TimedBody {
     inner: Incoming,
-    gap: Duration,
+    pace: BodyPace,
     /// Made at the first wait, so a body that never waits costs no timer.
     timer: Option<Pin<Box<Sleep>>>,
-    /// A frame came since the timer was last set: the next wait starts a new gap.
-    restart: bool,
+    /// When the wait under way began, and what ends it if no bytes come first.
+    waiting: Option<(Instant, BodyTimeout)>,
+    /// Time waited for the client before the wait under way.
+    waited: Duration,
+    /// Data bytes received.
+    received: u64,
     timed_out: bool,
 }
 
 impl TimedBody {
-    /// Bounds the gaps of `inner` to `gap`.
-    pub fn new(inner: Incoming, gap: Duration) -> TimedBody {
+    /// Bounds how slowly `inner` may come by `pace`.
+    pub fn new(inner: Incoming, pace: BodyPace) -> TimedBody {
         TimedBody {
             inner,
-            gap,
+            pace,
             timer: None,
-            restart: true,
+            waiting: None,
+            waited: Duration::ZERO,
+            received: 0,
             timed_out: false,
+        }
+    }
+
+    /// Starts a wait at `now`: returns when it ends the body, and why.
+    fn deadline(&self, now: Instant) -> (Instant, BodyTimeout) {
+        let gap = (now + self.pace.gap, BodyTimeout::Gap(self.pace.gap));
+        if self.pace.min_rate == 0 {
+            return gap;
+        }
+        // The waiting the bytes received so far pay for, and at least the grace of one gap.
+        let earned = Duration::from_millis(self.received.saturating_mul(1000) / self.pace.min_rate);
+        let allowed = earned.max(self.pace.gap).saturating_sub(self.waited);
+        if allowed < self.pace.gap {
+            (now + allowed, BodyTimeout::Slow(self.pace.min_rate))
+        } else {
+            gap
         }
     }
 }
@@ -155,20 +196,30 @@ impl Body for TimedBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.restart = true;
+                if let Some((since, _)) = this.waiting.take() {
+                    this.waited += since.elapsed();
+                }
+                if let Some(Ok(frame)) = &frame {
+                    this.received += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                let deadline = Instant::now() + this.gap;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if std::mem::take(&mut this.restart) {
-                    timer.as_mut().reset(deadline);
+                if this.waiting.is_none() {
+                    let now = Instant::now();
+                    let (deadline, reason) = this.deadline(now);
+                    this.waiting = Some((now, reason));
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                 }
+                let timer = this.timer.as_mut().expect("set when the wait began");
                 if timer.as_mut().poll(cx).is_ready() {
                     this.timed_out = true;
-                    return Poll::Ready(Some(Err(Box::new(BodyTimeout(this.gap)))));
+                    let reason = this.waiting.map(|(_, reason)| reason);
+                    let reason = reason.expect("set when the wait began");
+                    return Poll::Ready(Some(Err(Box::new(reason))));
                 }
                 Poll::Pending
             }
@@ -185,11 +236,11 @@ impl Body for TimedBody {
 }
 
 /// Finds a [`BodyTimeout`] among the causes of `error`.
-pub fn body_timeout_in(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
+pub fn body_timeout_in(error: &(dyn std::error::Error + 'static)) -> Option<BodyTimeout> {
     let mut cause = Some(error);
     while let Some(e) = cause {
         if let Some(timeout) = e.downcast_ref::<BodyTimeout>() {
-            return Some(timeout.0);
+            return Some(*timeout);
         }
         cause = e.source();
     }

@@ -1,7 +1,7 @@
 //! Every way a proxied request can fail, and the one table that maps each to a status.
 
 use super::access::Denied;
-use super::body::ProxyBody;
+use super::body::{BodyTimeout, ProxyBody};
 use super::path::PathError;
 use crate::identity::TokenUnavailable;
 use crate::metrics::UpstreamError;
@@ -36,8 +36,8 @@ pub enum ProxyError {
     BadTarget(#[source] http::Error),
     #[error("the request body could not be read")]
     ClientBody(#[source] BoxError),
-    #[error("the client paused its request body for longer than {} (server.body_timeout)", humantime::format_duration(*.0))]
-    BodyTimeout(Duration),
+    #[error(transparent)]
+    BodyTimeout(BodyTimeout),
     #[error("no access token is available for account {account}")]
     TokenUnavailable {
         account: String,

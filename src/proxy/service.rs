@@ -1,6 +1,6 @@
 //! The hyper service of the proxy: one struct, the request phases as plain functions.
 
-use super::body::{body_timeout_in, Metered, ProxyBody, TimedBody};
+use super::body::{body_timeout_in, BodyPace, Metered, ProxyBody, TimedBody};
 use super::error::{Fault, ProxyError};
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
 use super::inspect::{inspect, Inspected};
@@ -42,7 +42,8 @@ pub struct Proxy {
     replay_body_limit: u64,
     /// Bytes of replay bodies that may still be kept, all requests together.
     replay_memory: Semaphore,
-    body_timeout: Duration,
+    /// How slowly a client may send a request body.
+    body_pace: BodyPace,
     max_uri_bytes: usize,
     trusted_proxies: Vec<IpNet>,
     tunnel_idle_timeout: Duration,
@@ -125,7 +126,10 @@ impl Proxy {
             token_wait: server.token_wait,
             replay_body_limit: server.replay_body_limit,
             replay_memory: Semaphore::new(replay_memory),
-            body_timeout: server.body_timeout,
+            body_pace: BodyPace {
+                gap: server.body_timeout,
+                min_rate: server.min_body_rate,
+            },
             max_uri_bytes: server.max_uri_bytes,
             trusted_proxies: server.trusted_proxies.clone(),
             tunnel_idle_timeout: server.tunnel_idle_timeout,
@@ -411,7 +415,7 @@ impl Proxy {
             Some(Some(budget)) => Kept::Keep(body, budget),
             None if body.is_end_stream() => Kept::Decided(ProxyBody::Streamed(body), false),
             None => Kept::Decided(
-                ProxyBody::Timed(TimedBody::new(body, self.body_timeout)),
+                ProxyBody::Timed(TimedBody::new(body, self.body_pace)),
                 false,
             ),
         }
@@ -425,13 +429,13 @@ impl Proxy {
         budget: SemaphorePermit<'a>,
     ) -> Result<(ProxyBody, Option<Replay<'a>>), ProxyError> {
         let kept = Limited::new(
-            TimedBody::new(body, self.body_timeout),
+            TimedBody::new(body, self.body_pace),
             self.replay_body_limit as usize,
         )
         .collect()
         .await
         .map_err(|error| match body_timeout_in(&*error) {
-            Some(gap) => ProxyError::BodyTimeout(gap),
+            Some(slow) => ProxyError::BodyTimeout(slow),
             None => ProxyError::ClientBody(error),
         })?
         .to_bytes();
@@ -494,7 +498,7 @@ impl Proxy {
                 route.metrics.upstream_answered(sending.elapsed());
             }
             answered.map_err(|e| match body_timeout_in(&e) {
-                Some(gap) => ProxyError::BodyTimeout(gap),
+                Some(slow) => ProxyError::BodyTimeout(slow),
                 None => match e {
                     SendError::Connect(e) => ProxyError::UpstreamConnect(e),
                     SendError::Exchange(e) => ProxyError::Upstream(e),

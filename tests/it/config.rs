@@ -227,6 +227,7 @@ fn the_client_bounds_have_safe_defaults() {
     assert_eq!(limits.idle_timeout, Duration::from_secs(60));
     assert_eq!(limits.write_timeout, Duration::from_secs(60));
     assert_eq!(server.body_timeout, Duration::from_secs(30));
+    assert_eq!(server.min_body_rate, 240);
     assert_eq!(server.replay_memory, 64 * 1024 * 1024);
     assert_eq!(limits.h2_max_concurrent_streams, 100);
     assert!(server.trusted_proxies.is_empty());

@@ -234,6 +234,65 @@ async fn a_stalled_streamed_body_is_answered_408_and_the_upstream_released() {
     assert!(released, "the upstream connection was kept");
 }
 
+/// Sends a POST of `length` bytes to `path` in pieces of `piece` bytes every `every`, and
+/// reads the answer to the close.
+async fn paced_upload(
+    addr: SocketAddr,
+    path: &str,
+    length: usize,
+    piece: usize,
+    every: Duration,
+) -> String {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reading, mut writing) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    );
+    writing.write_all(head.as_bytes()).await.unwrap();
+    let sending = tokio::spawn(async move {
+        for _ in 0..length / piece {
+            tokio::time::sleep(every).await;
+            if writing.write_all(&vec![b'x'; piece]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), reading.read_to_end(&mut answer));
+    assert!(read.await.is_ok(), "the proxy neither answered nor closed");
+    sending.abort();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_trickled_body_is_answered_408_once_it_falls_below_the_minimum_rate() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let server = "body_timeout = \"1s\"\nmin_body_rate = 2000\nreplay_body_limit = 1024";
+    let proxy = proxy_with(&stubs, server, "").await;
+    // Ten bytes every 200 ms never pause for a whole body_timeout, but average 50 bytes/s.
+    // The body streams (it is larger than replay_body_limit); the upstream reads it whole.
+    let started = std::time::Instant::now();
+    let every = Duration::from_millis(200);
+    let answer = paced_upload(proxy.addr, "/whoami", 100_000, 10, every).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("min_body_rate"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let released = eventually(PATIENCE, async || stubs.upstream.connections().open() == 0).await;
+    assert!(released, "the upstream connection was kept");
+
+    // 2,000 bytes every 200 ms (10,000 bytes/s) go through, and come back.
+    let answer = paced_upload(proxy.addr, "/things/echo", 20_000, 2_000, every).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with(&"x".repeat(2_000)),
+        "the body did not come back whole"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_its_connection_and_the_upstream_is_released() {
     const BIG: u64 = 64 * 1024 * 1024;
