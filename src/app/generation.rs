@@ -125,6 +125,7 @@ impl Generation {
                         connector,
                         config.server.upstream_idle_timeout,
                         budget.clone(),
+                        config.server.workers,
                     ));
                     pools.insert(key, pool.clone());
                     pool

@@ -3,9 +3,12 @@
 //! A pool belongs to one upstream (scheme and authority; its TLS settings; h2c or not) and is
 //! made when a configuration is loaded, so a request reaches its pool through its route
 //! without a lookup. HTTP/1.1 connections wait in a stack (the most recently used first, so
-//! the fewest stay warm) while no request uses them; a request takes one, or opens one when
-//! the upstream's budget has a place, or waits for whichever comes first: a place or a
-//! connection given back. A connection is given back when its answer's body has ended, and
+//! the fewest stay warm) while no request uses them, one stack per worker: a connection is
+//! driven by a task on the worker that opened it, and a request on another worker would
+//! wake that thread and be woken by it, two system calls each way. A request takes one of
+//! its worker's connections, or opens one when the upstream's budget has a place, or takes
+//! another worker's, or waits for whichever comes first: a place or a connection given
+//! back. A connection is given back when its answer's body has ended, and
 //! ready again once hyper has read that end; one dropped mid-answer closes. An HTTP/2
 //! connection (agreed by ALPN, or h2c) is one per pool, shared by every request.
 //!
@@ -82,7 +85,8 @@ pub struct Pool {
     idle_timeout: Duration,
     /// The upstream's budget; a connection holds one of its places while it is open.
     budget: Arc<Budget>,
-    idle: Mutex<Vec<Idle>>,
+    /// The idle connections of each worker, and last those of every other thread.
+    idle: Box<[Mutex<Vec<Idle>>]>,
     /// The HTTP/2 connection, once there is one.
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
     /// Held while an HTTP/2 connection is being opened, so that one is.
@@ -96,6 +100,8 @@ struct Idle {
     sender: http1::SendRequest<ProxyBody>,
     /// How long it may be reused once idle, as its first answer said.
     keep_for: Duration,
+    /// The stack of the thread that drives it.
+    home: usize,
     /// Reused only before this.
     until: Instant,
 }
@@ -106,6 +112,8 @@ enum Conn {
         sender: http1::SendRequest<ProxyBody>,
         /// How long it may be reused once idle, if it has answered before (`None`: new).
         kept: Option<Duration>,
+        /// The stack of the thread that drives it.
+        home: usize,
     },
     H2 {
         sender: http2::SendRequest<ProxyBody>,
@@ -115,7 +123,7 @@ enum Conn {
 
 impl Pool {
     /// Makes the pool of `scheme://authority`, opening connections with `connector` within
-    /// `budget` and reusing idle ones for `idle_timeout` at most.
+    /// `budget` and reusing idle ones for `idle_timeout` at most, for `workers` workers.
     pub fn new(
         scheme: Scheme,
         authority: Authority,
@@ -123,6 +131,7 @@ impl Pool {
         connector: Connector,
         idle_timeout: Duration,
         budget: Arc<Budget>,
+        workers: usize,
     ) -> Pool {
         let target = Uri::builder()
             .scheme(scheme.clone())
@@ -138,7 +147,7 @@ impl Pool {
             connector,
             idle_timeout,
             budget,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
             returned: Notify::new(),
@@ -172,7 +181,11 @@ impl Pool {
                 },
             };
             match conn {
-                Conn::H1 { mut sender, kept } => {
+                Conn::H1 {
+                    mut sender,
+                    kept,
+                    home,
+                } => {
                     let reused = kept.is_some();
                     if let Err(error) = sender.ready().await {
                         // A reused connection may have closed meanwhile; a new one that
@@ -188,6 +201,7 @@ impl Pool {
                                 sender,
                                 // Read once per connection: an upstream says the same each time.
                                 keep_for: kept.unwrap_or_else(|| self.keep_for(response.headers())),
+                                home,
                                 pool: self.clone(),
                             };
                             return Ok((response, Some(pooled)));
@@ -261,29 +275,54 @@ impl Pool {
         }
     }
 
-    /// Takes the most recently given back connection that is still open and within its time;
-    /// the others it passes are closed.
+    /// Returns the stack of the thread this runs on.
+    fn here(&self) -> usize {
+        let last = self.idle.len() - 1;
+        crate::server::worker::current().map_or(last, |i| i.min(last))
+    }
+
+    /// Takes the most recently given back connection of this thread's stack that is still
+    /// open and within its time; the others it passes are closed.
     fn take_idle(&self) -> Option<Conn> {
-        let now = Instant::now();
-        let mut idle = lock(&self.idle);
+        self.take_idle_from(self.here(), Instant::now())
+    }
+
+    /// Like [`Pool::take_idle`], then from the other threads' stacks.
+    fn take_idle_anywhere(&self) -> Option<Conn> {
+        let (here, now) = (self.here(), Instant::now());
+        let others = (0..self.idle.len()).filter(|&i| i != here);
+        std::iter::once(here)
+            .chain(others)
+            .find_map(|stack| self.take_idle_from(stack, now))
+    }
+
+    fn take_idle_from(&self, stack: usize, now: Instant) -> Option<Conn> {
+        let mut idle = lock(&self.idle[stack]);
         while let Some(entry) = idle.pop() {
             if now < entry.until && !entry.sender.is_closed() {
                 return Some(Conn::H1 {
                     sender: entry.sender,
                     kept: Some(entry.keep_for),
+                    home: entry.home,
                 });
             }
         }
         None
     }
 
-    fn give_back(self: &Arc<Self>, sender: http1::SendRequest<ProxyBody>, keep_for: Duration) {
+    fn give_back(
+        self: &Arc<Self>,
+        sender: http1::SendRequest<ProxyBody>,
+        keep_for: Duration,
+        home: usize,
+    ) {
         if keep_for.is_zero() || sender.is_closed() {
             return;
         }
-        lock(&self.idle).push(Idle {
+        lock(&self.idle[home]).push(Idle {
             sender,
             keep_for,
+            home,
             until: Instant::now() + keep_for,
         });
         self.returned.notify_one();
@@ -306,7 +345,7 @@ impl Pool {
                     let returned = self.returned.notified();
                     tokio::pin!(returned);
                     returned.as_mut().enable();
-                    if let Some(conn) = self.take_idle() {
+                    if let Some(conn) = self.take_idle_anywhere() {
                         return Ok(conn);
                     }
                     tokio::select! {
@@ -367,13 +406,19 @@ impl Pool {
                     tracing::debug!(%error, "an upstream connection ended");
                 }
             });
-            Ok(Conn::H1 { sender, kept: None })
+            Ok(Conn::H1 {
+                sender,
+                kept: None,
+                home: self.here(),
+            })
         }
     }
 
     /// Closes the idle connections past their time.
     fn reap(&self, now: Instant) {
-        lock(&self.idle).retain(|entry| now < entry.until && !entry.sender.is_closed());
+        for stack in &self.idle {
+            lock(stack).retain(|entry| now < entry.until && !entry.sender.is_closed());
+        }
     }
 }
 
@@ -409,13 +454,15 @@ pub struct Pooled {
     sender: http1::SendRequest<ProxyBody>,
     /// How long it may be reused once idle.
     keep_for: Duration,
+    /// The stack of the thread that drives it.
+    home: usize,
     pool: Arc<Pool>,
 }
 
 impl Pooled {
     /// Gives the connection back for reuse: its answer has been read to the end.
     pub fn give_back(self) {
-        self.pool.give_back(self.sender, self.keep_for);
+        self.pool.give_back(self.sender, self.keep_for, self.home);
     }
 }
 
@@ -546,7 +593,7 @@ mod tests {
     }
 
     fn idle_count(pool: &Pool) -> usize {
-        lock(&pool.idle).len()
+        pool.idle.iter().map(|stack| lock(stack).len()).sum()
     }
 
     const IDLE: Duration = Duration::from_secs(30);
@@ -556,7 +603,16 @@ mod tests {
     }
 
     fn pool_keeping(addr: std::net::SocketAddr, idle_timeout: Duration) -> Arc<Pool> {
-        let budget = super::super::upstream::Budgets::new([(String::new(), 4)])
+        pool_of(addr, idle_timeout, 4, 1)
+    }
+
+    fn pool_of(
+        addr: std::net::SocketAddr,
+        idle_timeout: Duration,
+        places: usize,
+        workers: usize,
+    ) -> Arc<Pool> {
+        let budget = super::super::upstream::Budgets::new([(String::new(), places)])
             .get("")
             .unwrap();
         Arc::new(Pool::new(
@@ -570,7 +626,39 @@ mod tests {
             ),
             idle_timeout,
             budget,
+            workers,
         ))
+    }
+
+    /// A thread of its own driving a current-thread runtime, as worker `index` (or as any
+    /// other thread), until the returned sender is dropped.
+    fn thread_as(
+        index: Option<usize>,
+    ) -> (tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>) {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            if let Some(index) = index {
+                crate::server::worker::enter(index);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            handle_tx.send(runtime.handle().clone()).unwrap();
+            let _ = runtime.block_on(stopped);
+        });
+        (handle_rx.recv().unwrap(), stop)
+    }
+
+    /// Sends one request from `thread` and gives its connection back.
+    async fn get_on(thread: &tokio::runtime::Handle, pool: &Arc<Pool>) {
+        let pool = pool.clone();
+        let done = thread.spawn(async move { get(&pool).await.unwrap().give_back() });
+        tokio::time::timeout(Duration::from_secs(5), done)
+            .await
+            .expect("answered")
+            .unwrap();
     }
 
     async fn get(pool: &Arc<Pool>) -> Option<Pooled> {
@@ -603,6 +691,36 @@ mod tests {
         assert_eq!(idle_count(&pool), 1, "reaped before its time");
         pool.reap(Instant::now() + IDLE);
         assert_eq!(idle_count(&pool), 0);
+    }
+
+    #[tokio::test]
+    async fn each_worker_reuses_its_own_connections_and_anothers_only_once_the_budget_is_spent() {
+        let (addr, accepted) = upstream(None).await;
+        let pool = pool_of(addr, IDLE, 2, 2);
+        let (first, _stop_first) = thread_as(Some(0));
+        let (second, _stop_second) = thread_as(Some(1));
+        let (other, _stop_other) = thread_as(None);
+        let opened = || accepted.load(Ordering::SeqCst);
+
+        get_on(&first, &pool).await;
+        get_on(&first, &pool).await;
+        assert_eq!(opened(), 1);
+        // The first worker's idle connection would wake the first worker for each request.
+        get_on(&second, &pool).await;
+        assert_eq!(
+            opened(),
+            2,
+            "the second worker took the first one's connection"
+        );
+        get_on(&second, &pool).await;
+        get_on(&first, &pool).await;
+        assert_eq!(opened(), 2);
+        // The budget (two) is spent: a thread with no connection of its own takes one, and it
+        // goes back to the worker that drives it.
+        get_on(&other, &pool).await;
+        assert_eq!(opened(), 2);
+        let stacked: Vec<usize> = pool.idle.iter().map(|stack| lock(stack).len()).collect();
+        assert_eq!(stacked, [1, 1, 0]);
     }
 
     #[tokio::test]

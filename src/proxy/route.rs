@@ -246,6 +246,7 @@ mod tests {
             ),
             crate::config::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             budgets.clone(),
+            1,
         ));
         let account = Arc::new(Account::new(
             "a",

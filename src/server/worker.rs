@@ -1,13 +1,31 @@
 //! Workers: the main listener is served by `server.workers` threads, each with a
 //! current-thread runtime of its own and its own `SO_REUSEPORT` socket on the listen
 //! address, so the kernel spreads connections over them and a request never leaves the
-//! thread that accepted it (no work stealing). The upstream connection pools are shared.
+//! thread that accepted it (no work stealing). The upstream connection pools are shared,
+//! and keep each worker's idle connections apart ([`current`]).
 
 use super::transport::{listen_socket, BACKLOG};
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
+
+thread_local! {
+    /// The index of the worker this thread is, if it is one.
+    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Returns the index of the worker this thread is; `None` on any other thread (the control
+/// thread, a test's runtime).
+pub fn current() -> Option<usize> {
+    INDEX.with(Cell::get)
+}
+
+/// Marks this thread as worker `index`.
+pub(crate) fn enter(index: usize) {
+    INDEX.with(|cell| cell.set(Some(index)));
+}
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT` (port 0: the port the first one
 /// got), for the workers to serve; they are registered with a runtime only in their worker.
@@ -46,6 +64,7 @@ where
         let spawned = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
+                enter(i);
                 let _logging = tracing::dispatcher::set_default(&dispatch);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()

@@ -206,7 +206,9 @@ async fn an_upstream_budget_bounds_connections_and_the_rest_wait_or_get_503() {
 async fn an_idle_upstream_connection_is_reused_only_while_the_upstream_keeps_it() {
     // The upstream keeps an idle connection for 2 s and says so, as a Node service says 5 s.
     let stubs = Stubs::start_keeping(StubSettings::default(), 2).await;
-    let proxy = TestProxy::start(&stubs.config("", "")).await.ready().await;
+    // One worker: each worker reuses only the upstream connections it opened.
+    let config = stubs.config_with_server("workers = 1", "", "");
+    let proxy = TestProxy::start(&config).await.ready().await;
     let connections = stubs.upstream.connections();
     assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -229,7 +231,9 @@ async fn an_idle_upstream_connection_is_reused_only_while_the_upstream_keeps_it(
 #[tokio::test]
 async fn server_upstream_idle_timeout_bounds_the_reuse_of_an_idle_connection() {
     let stubs = Stubs::start(StubSettings::default()).await;
-    let config = stubs.config_with_server("upstream_idle_timeout = \"200ms\"", "", "");
+    // One worker: each worker reuses only the upstream connections it opened.
+    let server = "upstream_idle_timeout = \"200ms\"\nworkers = 1";
+    let config = stubs.config_with_server(server, "", "");
     let proxy = TestProxy::start(&config).await.ready().await;
     let connections = stubs.upstream.connections();
     assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);

@@ -520,7 +520,8 @@ async fn an_idempotent_request_the_upstream_closed_a_reused_connection_under_is_
         "[[routes]]\npath_prefix = \"/flaky\"\nupstream = \"http://{up}\"\naccount = \"main\"\n\
          [[routes]]\npath_prefix = \"/unkept\"\nupstream = \"http://{up}\"\naccount = \"main\"\nreplay = false\n"
     );
-    let proxy = TestProxy::start(&stubs.config("", &routes))
+    // One worker: each worker reuses only the upstream connections it opened.
+    let proxy = TestProxy::start(&stubs.config_with_server("workers = 1", "", &routes))
         .await
         .ready()
         .await;
