@@ -21,8 +21,9 @@ pub enum ProxyBody {
     Streamed(Incoming),
     /// An upstream's answer, streamed as received.
     Upstream(UpstreamBody),
-    /// A client's body, streamed, that fails when the client pauses too long.
-    Timed(TimedBody),
+    /// A client's body, streamed, that fails when the client is too slow. Boxed: every
+    /// request moves its body several times, and this one is the largest and the rarest.
+    Timed(Box<TimedBody>),
     /// Held in memory: a kept request body, an inspected answer, or the proxy's own.
     Full(Full<Bytes>),
 }
@@ -45,7 +46,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Streamed(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ProxyBody::Timed(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Timed(body) => Pin::new(&mut **body).poll_frame(cx),
             ProxyBody::Full(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),

@@ -197,11 +197,12 @@ impl Pool {
                     }
                     match sender.try_send_request(request).await {
                         Ok(response) => {
+                            // Read once per connection: an upstream says the same each time.
+                            let keep_for =
+                                kept.unwrap_or_else(|| self.keep_for(response.headers()));
                             let pooled = Pooled {
                                 sender,
-                                // Read once per connection: an upstream says the same each time.
-                                keep_for: kept.unwrap_or_else(|| self.keep_for(response.headers())),
-                                home,
+                                lease: Lease::new(keep_for, home),
                                 pool: self.clone(),
                             };
                             return Ok((response, Some(pooled)));
@@ -310,12 +311,9 @@ impl Pool {
         None
     }
 
-    fn give_back(
-        self: &Arc<Self>,
-        sender: http1::SendRequest<ProxyBody>,
-        keep_for: Duration,
-        home: usize,
-    ) {
+    fn give_back(self: &Arc<Self>, sender: http1::SendRequest<ProxyBody>, lease: Lease) {
+        let home = usize::from(lease.home).min(self.idle.len() - 1);
+        let keep_for = lease.keep_for();
         if keep_for.is_zero() || sender.is_closed() {
             return;
         }
@@ -452,17 +450,36 @@ fn spawn_reaper(pool: Weak<Pool>) {
 /// An HTTP/1.1 connection that carried a request whose answer is still being read.
 pub struct Pooled {
     sender: http1::SendRequest<ProxyBody>,
-    /// How long it may be reused once idle.
-    keep_for: Duration,
-    /// The stack of the thread that drives it.
-    home: usize,
+    lease: Lease,
     pool: Arc<Pool>,
 }
 
 impl Pooled {
     /// Gives the connection back for reuse: its answer has been read to the end.
     pub fn give_back(self) {
-        self.pool.give_back(self.sender, self.keep_for, self.home);
+        self.pool.give_back(self.sender, self.lease);
+    }
+}
+
+/// How long a connection may be reused once idle, and the stack it goes back to: in eight
+/// bytes, since it travels inside every answer's body, which a request moves several times.
+#[derive(Clone, Copy)]
+struct Lease {
+    keep_for_ms: u32,
+    home: u16,
+}
+
+impl Lease {
+    fn new(keep_for: Duration, home: usize) -> Lease {
+        Lease {
+            keep_for_ms: u32::try_from(keep_for.as_millis()).unwrap_or(u32::MAX),
+            // At most `server.workers` (256) plus one.
+            home: u16::try_from(home).unwrap_or(u16::MAX),
+        }
+    }
+
+    fn keep_for(self) -> Duration {
+        Duration::from_millis(self.keep_for_ms.into())
     }
 }
 

@@ -415,7 +415,7 @@ impl Proxy {
             Some(Some(budget)) => Kept::Keep(body, budget),
             None if body.is_end_stream() => Kept::Decided(ProxyBody::Streamed(body), false),
             None => Kept::Decided(
-                ProxyBody::Timed(TimedBody::new(body, self.body_pace)),
+                ProxyBody::Timed(Box::new(TimedBody::new(body, self.body_pace))),
                 false,
             ),
         }
