@@ -10,7 +10,7 @@
 //! another worker's, or waits for whichever comes first: a place or a connection given
 //! back. A connection is given back when its answer's body has ended, and
 //! ready again once hyper has read that end; one dropped mid-answer closes. An HTTP/2
-//! connection (agreed by ALPN, or h2c) is one per pool, shared by every request.
+//! connection (agreed by ALPN, or h2c) is one per worker, shared by its requests.
 //!
 //! An idle connection is reused only while the upstream surely still keeps it: for
 //! `server.upstream_idle_timeout`, or a second less than the upstream said it keeps idle
@@ -87,10 +87,10 @@ pub struct Pool {
     budget: Arc<Budget>,
     /// The idle connections of each worker, and last those of every other thread.
     idle: Box<[Mutex<Vec<Idle>>]>,
-    /// The HTTP/2 connection, once there is one.
-    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
-    /// Held while an HTTP/2 connection is being opened, so that one is.
-    h2_connecting: tokio::sync::Mutex<()>,
+    /// Each worker's HTTP/2 connection, once it has one (and last every other thread's).
+    h2: Box<[Mutex<Option<http2::SendRequest<ProxyBody>>>]>,
+    /// Held while a thread's h2c connection is being opened, so that one is.
+    h2_connecting: Box<[tokio::sync::Mutex<()>]>,
     /// Told when a connection is given back.
     returned: Notify,
     reaping: AtomicBool,
@@ -148,8 +148,8 @@ impl Pool {
             idle_timeout,
             budget,
             idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
-            h2: Mutex::new(None),
-            h2_connecting: tokio::sync::Mutex::new(()),
+            h2: (0..=workers).map(|_| Mutex::new(None)).collect(),
+            h2_connecting: (0..=workers).map(|_| tokio::sync::Mutex::new(())).collect(),
             returned: Notify::new(),
             reaping: AtomicBool::new(false),
         }
@@ -253,13 +253,14 @@ impl Pool {
         request.headers_mut().remove(header::HOST);
     }
 
+    /// Returns this thread's HTTP/2 connection, if it has one open.
     fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
-        let h2 = lock(&self.h2);
+        let h2 = lock(&self.h2[self.here()]);
         h2.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
     fn forget_closed_h2(&self) {
-        let mut h2 = lock(&self.h2);
+        let mut h2 = lock(&self.h2[self.here()]);
         if h2.as_ref().is_some_and(|s| s.is_closed()) {
             *h2 = None;
         }
@@ -356,9 +357,9 @@ impl Pool {
         }
     }
 
-    /// Opens the one h2c connection, unless another request has just done so.
+    /// Opens this thread's h2c connection, unless another request has just done so.
     async fn connect_h2c(&self) -> Result<Conn, SendError> {
-        let _connecting = self.h2_connecting.lock().await;
+        let _connecting = self.h2_connecting[self.here()].lock().await;
         if let Some(sender) = self.ready_h2() {
             return Ok(Conn::H2 {
                 sender,
@@ -389,7 +390,7 @@ impl Pool {
                     tracing::debug!(%error, "an upstream HTTP/2 connection ended");
                 }
             });
-            *lock(&self.h2) = Some(sender.clone());
+            *lock(&self.h2[self.here()]) = Some(sender.clone());
             Ok(Conn::H2 {
                 sender,
                 reused: false,
@@ -629,13 +630,23 @@ mod tests {
         places: usize,
         workers: usize,
     ) -> Arc<Pool> {
+        pool_speaking(addr, false, idle_timeout, places, workers)
+    }
+
+    fn pool_speaking(
+        addr: std::net::SocketAddr,
+        h2c: bool,
+        idle_timeout: Duration,
+        places: usize,
+        workers: usize,
+    ) -> Arc<Pool> {
         let budget = super::super::upstream::Budgets::new([(String::new(), places)])
             .get("")
             .unwrap();
         Arc::new(Pool::new(
             Scheme::HTTP,
             addr.to_string().parse().unwrap(),
-            false,
+            h2c,
             connector(
                 crate::tls::client_config(false, None).unwrap(),
                 None,
@@ -668,10 +679,10 @@ mod tests {
         (handle_rx.recv().unwrap(), stop)
     }
 
-    /// Sends one request from `thread` and gives its connection back.
+    /// Sends one request from `thread` and gives its HTTP/1.1 connection back.
     async fn get_on(thread: &tokio::runtime::Handle, pool: &Arc<Pool>) {
         let pool = pool.clone();
-        let done = thread.spawn(async move { get(&pool).await.unwrap().give_back() });
+        let done = thread.spawn(async move { get(&pool).await.map(Pooled::give_back) });
         tokio::time::timeout(Duration::from_secs(5), done)
             .await
             .expect("answered")
@@ -738,6 +749,29 @@ mod tests {
         assert_eq!(opened(), 2);
         let stacked: Vec<usize> = pool.idle.iter().map(|stack| lock(stack).len()).collect();
         assert_eq!(stacked, [1, 1, 0]);
+    }
+
+    #[tokio::test]
+    async fn each_worker_has_an_http2_connection_of_its_own() {
+        let (addr, accepted) = counting_listener(|tcp| async move {
+            let service = hyper::service::service_fn(|_| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(ProxyBody::full("ok")))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        })
+        .await;
+        let pool = pool_speaking(addr, true, IDLE, 4, 2);
+        let (first, _stop_first) = thread_as(Some(0));
+        let (second, _stop_second) = thread_as(Some(1));
+        get_on(&first, &pool).await;
+        get_on(&first, &pool).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        get_on(&second, &pool).await;
+        get_on(&second, &pool).await;
+        get_on(&first, &pool).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
