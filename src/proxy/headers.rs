@@ -5,13 +5,16 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use std::net::IpAddr;
 
+/// `Keep-Alive`: how long the sender keeps an idle connection (`timeout=5`), hop-by-hop.
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// proxy credentials and challenges of RFC 9110 §11.7, which are meant for this hop only.
 /// `Connection` comes first: the names it lists go too.
 const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,

@@ -98,10 +98,7 @@ pub struct Pool {
 
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
-    /// How long it may be reused once idle, as its first answer said.
-    keep_for: Duration,
-    /// The stack of the thread that drives it.
-    home: usize,
+    lease: Lease,
     /// Reused only before this.
     until: Instant,
 }
@@ -110,10 +107,8 @@ struct Idle {
 enum Conn {
     H1 {
         sender: http1::SendRequest<ProxyBody>,
-        /// How long it may be reused once idle, if it has answered before (`None`: new).
-        kept: Option<Duration>,
-        /// The stack of the thread that drives it.
-        home: usize,
+        /// Its lease, if it has answered before (`None`: new, driven by this thread).
+        kept: Option<Lease>,
     },
     H2 {
         sender: http2::SendRequest<ProxyBody>,
@@ -181,11 +176,7 @@ impl Pool {
                 },
             };
             match conn {
-                Conn::H1 {
-                    mut sender,
-                    kept,
-                    home,
-                } => {
+                Conn::H1 { mut sender, kept } => {
                     let reused = kept.is_some();
                     if let Err(error) = sender.ready().await {
                         // A reused connection may have closed meanwhile; a new one that
@@ -197,12 +188,14 @@ impl Pool {
                     }
                     match sender.try_send_request(request).await {
                         Ok(response) => {
-                            // Read once per connection: an upstream says the same each time.
-                            let keep_for =
-                                kept.unwrap_or_else(|| self.keep_for(response.headers()));
+                            // Read once per connection: an upstream says the same each time. A
+                            // new connection's task runs on this thread, as this request does.
+                            let lease = kept.unwrap_or_else(|| {
+                                Lease::new(self.keep_for(response.headers()), self.here())
+                            });
                             let pooled = Pooled {
                                 sender,
-                                lease: Lease::new(keep_for, home),
+                                lease,
                                 pool: self.clone(),
                             };
                             return Ok((response, Some(pooled)));
@@ -269,7 +262,10 @@ impl Pool {
     /// How long the connection of an answer with `headers` may be reused once idle: the
     /// pool's idle timeout, or less when the upstream said how long it keeps it.
     fn keep_for(&self, headers: &http::HeaderMap) -> Duration {
-        match headers.get(KEEP_ALIVE).and_then(keep_alive_timeout) {
+        match headers
+            .get(super::headers::KEEP_ALIVE)
+            .and_then(keep_alive_timeout)
+        {
             Some(kept) => kept
                 .saturating_sub(KEEP_ALIVE_MARGIN)
                 .min(self.idle_timeout),
@@ -304,8 +300,7 @@ impl Pool {
             if now < entry.until && !entry.sender.is_closed() {
                 return Some(Conn::H1 {
                     sender: entry.sender,
-                    kept: Some(entry.keep_for),
-                    home: entry.home,
+                    kept: Some(entry.lease),
                 });
             }
         }
@@ -320,8 +315,7 @@ impl Pool {
         }
         lock(&self.idle[home]).push(Idle {
             sender,
-            keep_for,
-            home,
+            lease,
             until: Instant::now() + keep_for,
         });
         self.returned.notify_one();
@@ -405,11 +399,7 @@ impl Pool {
                     tracing::debug!(%error, "an upstream connection ended");
                 }
             });
-            Ok(Conn::H1 {
-                sender,
-                kept: None,
-                home: self.here(),
-            })
+            Ok(Conn::H1 { sender, kept: None })
         }
     }
 
@@ -498,8 +488,6 @@ fn closed_before_answer(error: &hyper::Error) -> bool {
         )
     })
 }
-
-const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 
 /// Reads how long an upstream keeps an idle connection from its `Keep-Alive` header
 /// (`timeout=5, max=1000`); `None` if the header does not say.

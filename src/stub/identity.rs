@@ -277,13 +277,12 @@ impl IdentityStub {
     /// Serves until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
         let connections = Default::default();
-        let keep_alive = super::NODE_KEEP_ALIVE;
         super::serve_stand_in(
             self.listener,
             self.state,
             answer,
             connections,
-            keep_alive,
+            super::NODE_KEEP_ALIVE,
             shutdown,
         )
         .await;

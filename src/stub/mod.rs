@@ -145,7 +145,7 @@ async fn serve_stand_in<S, F, Fut>(
                     if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                         response
                             .headers_mut()
-                            .insert(http::HeaderName::from_static("keep-alive"), announced);
+                            .insert(crate::proxy::headers::KEEP_ALIVE, announced);
                     }
                     Ok::<_, BoxError>(response)
                 }
