@@ -37,24 +37,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !present.contains(&true) {
         return;
     }
-    // `Connection` first (index 0): the names it lists are removed by reference to its
-    // values, taken out of the map (a clone of each is a reference count).
+    // `Connection` first (index 0). Most of its values name no header: `close` is an
+    // option (RFC 9110 reserves it as a field name), `keep-alive` is in the list anyway,
+    // and a client that opens a connection per request sends `close` with each.
     if present[0] {
-        let values: Vec<HeaderValue> = headers
+        if headers
             .get_all(header::CONNECTION)
             .iter()
-            .cloned()
-            .collect();
-        headers.remove(header::CONNECTION);
-        for name in values
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
+            .any(|value| connection_options(value).next().is_some())
         {
-            let name = name.trim();
-            if !name.is_empty() {
+            // The names it lists are removed by reference to its values, taken out of the
+            // map (a clone of each is a reference count).
+            let values: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            headers.remove(header::CONNECTION);
+            for name in values.iter().flat_map(connection_options) {
                 headers.remove(name);
             }
+        } else {
+            headers.remove(header::CONNECTION);
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
@@ -62,6 +66,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// The header names a `Connection` value lists, other than the options `close` and
+/// `keep-alive`.
+fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|name| {
+            !name.is_empty()
+                && !name.eq_ignore_ascii_case("close")
+                && !name.eq_ignore_ascii_case("keep-alive")
+        })
 }
 
 /// Appends `?query` to `out` without any `access_token` parameter (Mosaic answers 400 when a
@@ -266,6 +285,25 @@ mod tests {
         h.append("connection", HeaderValue::from_static("x-second-hop"));
         h.insert("x-second-hop", HeaderValue::from_static("2"));
         h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn connection_options_that_name_no_header_remove_only_connection() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.append("connection", HeaderValue::from_static(" Keep-Alive ,"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Close, X-Hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));

@@ -152,7 +152,9 @@ where
             _running: running_rx.clone(),
         };
         let (protocols, make, tls) = (protocols.clone(), make.clone(), tls.clone());
-        tokio::spawn(async move {
+        // Boxed: tokio moves a task's future several times as it spawns it, and once more
+        // when it ends; a box is 8 bytes where the connection's future is about 1 KB.
+        tokio::spawn(Box::pin(async move {
             // The handshake counts against the time to the first request head.
             let deadline = accepted + timeouts.header;
             let (transport, client_cert) = match (stream, tls) {
@@ -197,7 +199,7 @@ where
             // change of the task's stage, is kept small.
             let connection = Box::pin(Connection::new(protocols, socket, service));
             drive(connection, client, timeouts, accepted).await;
-        });
+        }));
     }
     let deadline = Instant::now() + grace;
     drop(listener);
