@@ -34,7 +34,7 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
 }
 
 /// TLS towards one upstream (or the identity service), on top of the global `[tls]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct UpstreamTls {
     /// A further CA bundle to trust for this upstream.
     pub ca_file: Option<std::path::PathBuf>,

@@ -1,19 +1,22 @@
 //! One configuration made into what requests use: the identity client, the accounts and each
 //! listener's proxy. A reload builds the next generation from the one in use, keeping every
-//! account whose identity settings did not change (with its token and its refresher).
+//! account whose identity settings did not change (with its token and its refresher), every
+//! upstream budget whose size did not change, and every upstream pool (with its open
+//! connections) whose settings and budget did not change.
 
 use super::StartError;
 use crate::config::{Config, RouteConfig};
 use crate::identity::refresher::Policies;
 use crate::identity::{Account, IdentityClient};
 use crate::metrics::Metrics;
-use crate::proxy::pool::{connector, Pool};
+use crate::proxy::pool::{connector, Connector, Pool};
 use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, Route, RouteTable};
-use crate::tls::{client_config, client_config_for};
+use crate::tls::{client_config, client_config_for, UpstreamTls};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What one configuration serves with.
 pub struct Generation {
@@ -26,6 +29,22 @@ pub struct Generation {
     pub proxies: Vec<Arc<Proxy>>,
     /// What this configuration asks for that the running listeners cannot give.
     pub warnings: Vec<String>,
+    budgets: Arc<Budgets>,
+    pools: HashMap<PoolKey, Arc<Pool>>,
+    /// The pools kept from the generation before, and the connectors they take at the switch.
+    renewed: Vec<(Arc<Pool>, Connector)>,
+}
+
+/// What a pool is made of besides its budget: routes that agree on it share one, and a
+/// reload keeps one whose key is unchanged (with `[tls]`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    origin: String,
+    h2c: bool,
+    /// The route's own TLS settings.
+    tls: Option<UpstreamTls>,
+    idle_timeout: Duration,
+    workers: usize,
 }
 
 impl Generation {
@@ -74,12 +93,18 @@ impl Generation {
                 }
             })
             .collect();
-        let budgets = Arc::new(Budgets::new(config.routes.iter().map(|r| {
-            let max = r
-                .max_connections
-                .unwrap_or(config.server.upstream_max_connections);
-            (origin(r), max)
-        })));
+        let budgets = Arc::new(Budgets::keeping(
+            config.routes.iter().map(|r| {
+                let max = r
+                    .max_connections
+                    .unwrap_or(config.server.upstream_max_connections);
+                (origin(r), max)
+            }),
+            previous.map(|p| &*p.budgets),
+        ));
+        // Pools are kept only under the same `[tls]`: trust settings that changed apply to
+        // every connection, not only to those opened from now on.
+        let same_tls = previous.filter(|p| p.config.tls == config.tls);
         let connect_timeout = config.server.connect_timeout;
         let shared = connector(
             client_config(config.tls.native_roots, global_ca)?,
@@ -87,7 +112,8 @@ impl Generation {
             connect_timeout,
         );
         // One pool per upstream, h2c or not, and TLS settings (the shared ones, or a route's).
-        let mut pools: HashMap<(String, bool, Option<usize>), Arc<Pool>> = HashMap::new();
+        let mut pools: HashMap<PoolKey, Arc<Pool>> = HashMap::new();
+        let mut renewed = Vec::new();
         let mut warnings = Vec::new();
         let mut routes: Vec<Vec<Route>> = (0..=listeners.len()).map(|_| Vec::new()).collect();
         for (i, r) in config.routes.iter().enumerate() {
@@ -106,7 +132,13 @@ impl Generation {
             let budget = budgets
                 .get(&origin(r))
                 .expect("every route's upstream has a budget");
-            let key = (origin(r), r.h2c, r.tls.as_ref().map(|_| i));
+            let key = PoolKey {
+                origin: origin(r),
+                h2c: r.h2c,
+                tls: r.tls.clone(),
+                idle_timeout: config.server.upstream_idle_timeout,
+                workers: config.server.workers,
+            };
             let pool = match pools.get(&key) {
                 Some(pool) => pool.clone(),
                 None => {
@@ -118,15 +150,24 @@ impl Generation {
                             connect_timeout,
                         ),
                     };
-                    let pool = Arc::new(Pool::new(
-                        r.upstream.scheme.clone(),
-                        r.upstream.authority.clone(),
-                        r.h2c,
-                        connector,
-                        config.server.upstream_idle_timeout,
-                        budget.clone(),
-                        config.server.workers,
-                    ));
+                    let kept = same_tls
+                        .and_then(|p| p.pools.get(&key))
+                        .filter(|pool| Arc::ptr_eq(pool.budget(), &budget));
+                    let pool = match kept {
+                        Some(pool) => {
+                            renewed.push((pool.clone(), connector));
+                            pool.clone()
+                        }
+                        None => Arc::new(Pool::new(
+                            r.upstream.scheme.clone(),
+                            r.upstream.authority.clone(),
+                            r.h2c,
+                            connector,
+                            config.server.upstream_idle_timeout,
+                            budget.clone(),
+                            config.server.workers,
+                        )),
+                    };
                     pools.insert(key, pool.clone());
                     pool
                 }
@@ -145,14 +186,22 @@ impl Generation {
             accounts,
             proxies,
             warnings,
+            budgets,
+            pools,
+            renewed,
         })
     }
 
     /// Hands each kept account the secret this configuration gives it (a changed secret is
-    /// used for the next token request, at once; the token in use stays until then).
-    pub fn settle_secrets(&self) {
+    /// used for the next token request, at once; the token in use stays until then), and
+    /// each kept pool the connector made from the files as they are now (for the connections
+    /// it opens from then on). Until this, building the generation changed nothing in use.
+    pub fn settle(&self) {
         for (account, config) in self.accounts.iter().zip(&self.config.accounts) {
             account.replace_secret(config.secret.clone());
+        }
+        for (pool, connector) in &self.renewed {
+            pool.renew_connector(connector.clone());
         }
     }
 }

@@ -225,7 +225,7 @@ impl Live {
         let mut report = compare(&old, &next);
         report.warnings.extend(next.warnings.iter().cloned());
         report.warnings.extend(next.config.warnings.iter().cloned());
-        next.settle_secrets();
+        next.settle();
         // The switch: each listener's proxy, then the accounts' views.
         for (slot, proxy) in self.slots.iter().zip(&next.proxies) {
             slot.store(proxy.clone());

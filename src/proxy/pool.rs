@@ -24,6 +24,7 @@
 use super::body::ProxyBody;
 use super::upstream::Budget;
 use crate::BoxError;
+use arc_swap::ArcSwap;
 use http::uri::{Authority, Scheme};
 use http::{header, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -80,7 +81,8 @@ pub struct Pool {
     scheme: Scheme,
     authority: Authority,
     h2c: bool,
-    connector: Connector,
+    /// Renewed by a reload that keeps the pool (files it read may have changed).
+    connector: ArcSwap<Connector>,
     /// How long an idle connection is reused at most (`server.upstream_idle_timeout`).
     idle_timeout: Duration,
     /// The upstream's budget; a connection holds one of its places while it is open.
@@ -139,7 +141,7 @@ impl Pool {
             scheme,
             authority,
             h2c,
-            connector,
+            connector: ArcSwap::from_pointee(connector),
             idle_timeout,
             budget,
             idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
@@ -148,6 +150,17 @@ impl Pool {
             returned: Notify::new(),
             reaping: AtomicBool::new(false),
         }
+    }
+
+    /// The upstream's budget this pool opens connections within.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Opens this pool's connections from now on with `connector` (a reload that keeps the
+    /// pool built it from the files as they are now); open connections stay.
+    pub fn renew_connector(&self, connector: Connector) {
+        self.connector.store(Arc::new(connector));
     }
 
     /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) and waits for the
@@ -365,9 +378,7 @@ impl Pool {
     }
 
     async fn connect(&self, place: OwnedSemaphorePermit) -> Result<Conn, SendError> {
-        let io = self
-            .connector
-            .clone()
+        let io = Connector::clone(&self.connector.load())
             .call(self.target.clone())
             .await
             .map_err(SendError::Connect)?;

@@ -87,6 +87,16 @@ pub struct Budgets(HashMap<String, Arc<Budget>>);
 impl Budgets {
     /// Makes one budget per `scheme://authority`, of the smallest size any route gives it.
     pub fn new(sizes: impl IntoIterator<Item = (String, usize)>) -> Budgets {
+        Budgets::keeping(sizes, None)
+    }
+
+    /// Makes the budgets as [`Budgets::new`] does, keeping each budget of `previous` whose
+    /// size did not change: what the requests and connections of the configuration before
+    /// still hold counts against it, so a reload never lets an upstream see more.
+    pub fn keeping(
+        sizes: impl IntoIterator<Item = (String, usize)>,
+        previous: Option<&Budgets>,
+    ) -> Budgets {
         let mut smallest: HashMap<String, usize> = HashMap::new();
         for (origin, max) in sizes {
             let size = smallest.entry(origin).or_insert(max);
@@ -95,7 +105,13 @@ impl Budgets {
         Budgets(
             smallest
                 .into_iter()
-                .map(|(origin, max)| (origin, Arc::new(Budget::new(max))))
+                .map(|(origin, max)| {
+                    let kept = previous
+                        .and_then(|p| p.0.get(&origin))
+                        .filter(|budget| budget.max == max);
+                    let budget = kept.cloned().unwrap_or_else(|| Arc::new(Budget::new(max)));
+                    (origin, budget)
+                })
                 .collect(),
         )
     }

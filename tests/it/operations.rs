@@ -464,6 +464,72 @@ async fn a_reload_under_traffic_adds_and_removes_routes_keeps_tokens_and_refuses
     assert_eq!(stubs.identity.token_requests(), token_requests + 1);
 }
 
+#[tokio::test]
+async fn a_reload_keeps_the_connections_and_the_budget_of_an_upstream_it_does_not_change() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let dir = tempdir();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let file = dir.join("proxy.toml");
+    // One worker: one stack of idle connections. A budget of one connection.
+    let config = |max: usize, extra: &str| {
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+workers = 1
+
+[identity]
+origin = "{origin}"
+{FAST_IDENTITY}
+
+[accounts.main]
+client_id = "demo-client"
+client_secret_file = "{secret}"
+
+[[routes]]
+path_prefix = "/kept"
+upstream = "http://{upstream}"
+account = "main"
+max_connections = {max}
+{extra}
+"#,
+            origin = stubs.identity.origin(),
+            secret = secret.display(),
+            upstream = stubs.upstream_addr,
+        )
+    };
+    std::fs::write(&file, config(1, "")).unwrap();
+    let proxy = TestProxy::start_file(&file).await.ready().await;
+    let opened = || stubs.upstream.connections().opened();
+    assert_eq!(get(&proxy.url("/kept/whoami")).await.status, StatusCode::OK);
+    assert_eq!(opened(), 1);
+
+    // A request in flight on the configuration before, holding the budget's one place.
+    let slow_url = proxy.url("/kept/slow");
+    let slow = tokio::spawn(async move { get(&slow_url).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let added = "[[routes]]\npath_prefix = \"/added\"\nupstream = \"http://127.0.0.1:9\"\naccount = \"main\"\n";
+    std::fs::write(&file, config(1, added)).unwrap();
+    let reply = post_reload(proxy.admin).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    // The request after the reload waits for that place and then takes the same
+    // connection: the upstream never sees two.
+    let after = get(&proxy.url("/kept/whoami")).await;
+    assert_eq!(after.status, StatusCode::OK);
+    assert!(slow.is_finished(), "the budget's place was given twice");
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+    assert_eq!(opened(), 1, "a connection was opened anew");
+
+    // A changed budget is a new one, with a new pool.
+    std::fs::write(&file, config(2, added)).unwrap();
+    let reply = post_reload(proxy.admin).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(get(&proxy.url("/kept/whoami")).await.status, StatusCode::OK);
+    assert_eq!(opened(), 2);
+}
+
 /// A fresh directory under the target directory, for files a test writes.
 pub fn tempdir() -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -88,3 +88,43 @@ async fn https_upstreams_are_verified_against_the_configured_ca_and_spoken_to_ov
     assert_eq!(reply.json()["error"], "upstream_unreachable");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_reload_that_keeps_a_pool_opens_its_next_connections_with_the_ca_file_as_it_is_then() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let (addr, ca_pem) = tls_upstream().await;
+    let (_, other_ca_pem) = tls_upstream().await;
+    let dir = crate::operations::tempdir();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, other_ca_pem).unwrap();
+    let route = format!(
+        "[[routes]]\npath_prefix = \"/secure\"\nupstream = \"https://localhost:{}\"\naccount = \"main\"\n",
+        addr.port()
+    );
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let file = dir.join("proxy.toml");
+    let config = format!(
+        "{}\n[tls]\nca_file = {:?}\n",
+        stubs.config("", &route).replace(
+            "client_secret_env = \"CLIENT_SECRET\"",
+            &format!("client_secret_file = {:?}", secret.display().to_string())
+        ),
+        ca_file.display().to_string()
+    );
+    std::fs::write(&file, config).unwrap();
+    let proxy = TestProxy::start_file(&file).await.ready().await;
+    let reply = get(&proxy.url("/secure/x")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+
+    // The same configuration, the CA file replaced by the one that signed the upstream.
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let reload = Request::post(format!("http://{}/reload", proxy.admin))
+        .body(empty())
+        .unwrap();
+    let reply = send(&client(), reload).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let reply = get(&proxy.url("/secure/x")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.json()["data"]["bearer"], true);
+}
