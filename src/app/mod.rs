@@ -10,7 +10,7 @@ pub use live::{Live, ReloadError, ReloadReport, Source};
 use crate::config::{Config, ConnectionLimits, ListenAddress};
 use crate::identity::Account;
 use crate::proxy::{Proxy, ProxyService};
-use crate::server::transport::{self, Listener};
+use crate::server::transport::{self, Bound};
 use crate::server::{connection_slots, derived_max_connections, serve, worker, TlsConfig};
 use crate::shutdown::Shutdown;
 use crate::tls::ListenerTls;
@@ -73,9 +73,26 @@ pub struct App {
 /// A further listener with its own routes (and so its own proxy) and TLS.
 struct ExtraListener {
     name: String,
-    listener: Listener,
+    /// One per worker.
+    sockets: Vec<Bound>,
     address: ListenAddress,
     tls: Option<ServingTls>,
+}
+
+/// What one worker serves: its socket of the main listener and of each further one.
+struct WorkerSockets {
+    main: std::net::TcpListener,
+    further: Vec<Bound>,
+}
+
+/// What the workers share to serve one listener.
+#[derive(Clone)]
+struct Serving {
+    name: String,
+    proxy: Arc<arc_swap::ArcSwap<Proxy>>,
+    /// Its places of `max_connections`, taken by every worker's connections.
+    slots: Arc<tokio::sync::Semaphore>,
+    tls: Option<TlsConfig>,
 }
 
 /// The listener's TLS, and what its reload watches.
@@ -108,7 +125,7 @@ impl App {
         for listener in &config.listeners {
             extra.push(ExtraListener {
                 name: listener.name.clone(),
-                listener: bind_listener(&listener.address).await?,
+                sockets: bind_listener(&listener.address, config.server.workers)?,
                 address: listener.address.clone(),
                 tls: serving_tls(listener.tls.as_ref(), every)?,
             });
@@ -150,12 +167,10 @@ impl App {
         self.extra
             .iter()
             .map(|l| {
-                let address = match (&l.listener, &l.address) {
-                    (Listener::Tcp(tcp), _) => tcp
-                        .local_addr()
-                        .map_or_else(|e| e.to_string(), |a| a.to_string()),
-                    (_, ListenAddress::Unix { path, .. }) => path.display().to_string(),
-                    (_, ListenAddress::Tcp(addr)) => addr.to_string(),
+                let address = match (l.sockets.first().and_then(Bound::local_addr), &l.address) {
+                    (Some(bound), _) => bound.to_string(),
+                    (None, ListenAddress::Unix { path, .. }) => path.display().to_string(),
+                    (None, ListenAddress::Tcp(addr)) => addr.to_string(),
                 };
                 (l.name.clone(), address)
             })
@@ -217,27 +232,23 @@ impl App {
                 shutdown.clone(),
             ));
         }
+        // Each further listener's state is shared by the workers; its sockets go one to each.
+        let mut further = Vec::new();
+        let mut sockets: Vec<std::vec::IntoIter<Bound>> = Vec::new();
+        let mut unix_paths = Vec::new();
         for (index, extra) in self.extra.into_iter().enumerate() {
-            let (proxy, limits) = (live.slot(index + 1), self.limits.clone());
-            let connections = live.metrics().client_connections().clone();
-            let (shutdown, grace) = (shutdown.clone(), self.shutdown_grace);
-            let tls = extra.tls.map(|t| t.config);
+            let proxy = live.slot(index + 1);
             tracing::info!(listener = %extra.name, address = ?extra.address, routes = proxy.load().routes().routes().len(), "listening");
-            tasks.spawn(async move {
-                serve(
-                    extra.listener,
-                    move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
-                    limits,
-                    None,
-                    tls,
-                    shutdown,
-                    grace,
-                )
-                .await;
-                if let ListenAddress::Unix { path, .. } = &extra.address {
-                    let _ = std::fs::remove_file(path);
-                }
+            if let ListenAddress::Unix { path, .. } = &extra.address {
+                unix_paths.push(path.clone());
+            }
+            further.push(Serving {
+                name: extra.name,
+                proxy,
+                slots: connection_slots(&self.limits),
+                tls: extra.tls.map(|t| t.config),
             });
+            sockets.push(extra.sockets.into_iter());
         }
         if let Some(admin) = self.admin {
             let live = live.clone();
@@ -299,22 +310,37 @@ impl App {
             "proxy listening"
         );
         // The workers share the places of max_connections.
-        let slots = connection_slots(&self.limits);
+        let main = Serving {
+            name: "main".to_owned(),
+            proxy,
+            slots: connection_slots(&self.limits),
+            tls: self.tls.as_ref().map(|tls| tls.config.clone()),
+        };
+        let workers: Vec<WorkerSockets> = self
+            .listeners
+            .into_iter()
+            .map(|main| WorkerSockets {
+                main,
+                further: sockets.iter_mut().filter_map(Iterator::next).collect(),
+            })
+            .collect();
         let (limits, grace) = (self.limits.clone(), self.shutdown_grace);
-        let tls = self.tls.as_ref().map(|tls| tls.config.clone());
-        let deadline = worker::run(self.listeners, move |_, listener| {
-            let (proxy, connections) = (proxy.clone(), connections.clone());
-            serve(
-                listener,
-                move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
+        let deadline = worker::run(workers, move |i, sockets| {
+            serve_worker(
+                i,
+                sockets,
+                main.clone(),
+                further.clone(),
+                connections.clone(),
                 limits.clone(),
-                Some(slots.clone()),
-                tls.clone(),
                 shutdown.clone(),
                 grace,
             )
         })
         .await;
+        for path in unix_paths {
+            let _ = std::fs::remove_file(path);
+        }
         // Every task watches the same signal and drains by the same deadline.
         let _ = tokio::time::timeout_at(deadline, async {
             while tasks.join_next().await.is_some() {}
@@ -323,6 +349,58 @@ impl App {
         tracing::info!("proxy stopped");
         Ok(())
     }
+}
+
+/// Serves one worker's sockets: the main listener's and each further listener's, the
+/// latter as tasks of the worker's runtime; returns the latest deadline they drained by.
+#[allow(clippy::too_many_arguments)]
+async fn serve_worker(
+    worker: usize,
+    sockets: WorkerSockets,
+    main: Serving,
+    further: Vec<Serving>,
+    connections: prometheus_client::metrics::gauge::Gauge,
+    limits: ConnectionLimits,
+    shutdown: Shutdown,
+    grace: Duration,
+) -> tokio::time::Instant {
+    let listen = |bound: Bound, serving: Serving| {
+        let listener = match bound.register() {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(worker, listener = %serving.name, %error, "cannot listen in a worker");
+                return None;
+            }
+        };
+        let connections = connections.clone();
+        let proxy = serving.proxy;
+        Some(serve(
+            listener,
+            move |conn| ProxyService::new(proxy.clone(), conn.clone(), &connections),
+            limits.clone(),
+            Some(serving.slots),
+            serving.tls,
+            shutdown.clone(),
+            grace,
+        ))
+    };
+    let others: Vec<_> = sockets
+        .further
+        .into_iter()
+        .zip(further)
+        .filter_map(|(bound, serving)| listen(bound, serving))
+        .map(tokio::spawn)
+        .collect();
+    let mut latest = match listen(Bound::Tcp(sockets.main), main) {
+        Some(serving) => serving.await,
+        None => tokio::time::Instant::now(),
+    };
+    for other in others {
+        if let Ok(deadline) = other.await {
+            latest = latest.max(deadline);
+        }
+    }
+    latest
 }
 
 /// Reads the listener's certificate files every `every` and serves the new ones once they
@@ -385,11 +463,18 @@ fn serving_tls(
     }))
 }
 
-/// Binds a further listener: a TCP address, or a Unix socket created with its file mode
-/// (a socket file left by an earlier run is replaced).
-async fn bind_listener(address: &ListenAddress) -> Result<Listener, StartError> {
+/// Binds a further listener for `workers` workers: a TCP address (a socket each, with
+/// `SO_REUSEPORT`), or a Unix socket created with its file mode (a socket file left by an
+/// earlier run is replaced), which every worker accepts from.
+fn bind_listener(address: &ListenAddress, workers: usize) -> Result<Vec<Bound>, StartError> {
     match address {
-        ListenAddress::Tcp(addr) => Ok(Listener::Tcp(bind(*addr)?)),
+        ListenAddress::Tcp(addr) => {
+            let sockets = worker::bind(*addr, workers).map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            Ok(sockets.into_iter().map(Bound::Tcp).collect())
+        }
         ListenAddress::Unix { path, mode } => {
             use std::os::unix::fs::{FileTypeExt, PermissionsExt};
             let problem = |source| StartError::BindSocket {
@@ -399,10 +484,16 @@ async fn bind_listener(address: &ListenAddress) -> Result<Listener, StartError> 
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                 std::fs::remove_file(path).map_err(problem)?;
             }
-            let listener = tokio::net::UnixListener::bind(path).map_err(problem)?;
+            let listener = std::os::unix::net::UnixListener::bind(path).map_err(problem)?;
+            listener.set_nonblocking(true).map_err(problem)?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
                 .map_err(problem)?;
-            Ok(Listener::Unix(listener))
+            let mut sockets = Vec::with_capacity(workers.max(1));
+            for _ in 1..workers.max(1) {
+                sockets.push(Bound::Unix(listener.try_clone().map_err(problem)?));
+            }
+            sockets.push(Bound::Unix(listener));
+            Ok(sockets)
         }
     }
 }

@@ -22,6 +22,32 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
+/// A listening socket bound in one thread and served in another: registered with the
+/// serving thread's runtime only there ([`Bound::register`]).
+#[derive(Debug)]
+pub enum Bound {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Bound {
+    /// Registers the socket with the runtime of the calling thread.
+    pub fn register(self) -> io::Result<Listener> {
+        Ok(match self {
+            Bound::Tcp(l) => Listener::Tcp(TcpListener::from_std(l)?),
+            Bound::Unix(l) => Listener::Unix(UnixListener::from_std(l)?),
+        })
+    }
+
+    /// The address of a TCP socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Unix(_) => None,
+        }
+    }
+}
+
 /// A connection just accepted.
 pub enum Accepted {
     Tcp(TcpStream),

@@ -1,8 +1,9 @@
-//! Workers: the main listener is served by `server.workers` threads, each with a
-//! current-thread runtime of its own and its own `SO_REUSEPORT` socket on the listen
-//! address, so the kernel spreads connections over them and a request never leaves the
-//! thread that accepted it (no work stealing). The upstream connection pools are shared,
-//! and keep each worker's idle connections apart ([`current`]).
+//! Workers: the listeners that serve requests (the main one and the further ones) are
+//! served by `server.workers` threads, each with a current-thread runtime of its own and
+//! its own `SO_REUSEPORT` socket on each TCP address (a Unix socket is one socket every
+//! worker accepts from), so the kernel spreads connections over them and a request never
+//! leaves the thread that accepted it (no work stealing). The upstream connection pools are
+//! shared, and keep each worker's idle connections apart ([`current`]).
 
 use super::transport::{listen_socket, BACKLOG};
 use std::cell::Cell;
@@ -47,18 +48,21 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
         .collect()
 }
 
-/// Runs `serve(i, listener)` for each listener on a thread of its own with a current-thread
-/// runtime; resolves when every worker has returned, with the latest deadline one returned.
-pub async fn run<F, Fut>(listeners: Vec<std::net::TcpListener>, serve: F) -> Instant
+/// Runs `serve(i, sockets)` for each worker's sockets on a thread of its own with a
+/// current-thread runtime (`serve` is called within it, where the sockets can be
+/// registered); resolves when every worker has returned, with the latest deadline one
+/// returned.
+pub async fn run<W, F, Fut>(workers: Vec<W>, serve: F) -> Instant
 where
-    F: Fn(usize, tokio::net::TcpListener) -> Fut + Send + Sync + 'static,
+    W: Send + 'static,
+    F: Fn(usize, W) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Instant> + 'static,
 {
     let serve = Arc::new(serve);
     // The workers log where this thread logs (a test's scoped subscriber included).
     let dispatch = tracing::dispatcher::get_default(Clone::clone);
     let mut done = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
+    for (i, sockets) in workers.into_iter().enumerate() {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (serve, dispatch) = (serve.clone(), dispatch.clone());
         let spawned = std::thread::Builder::new()
@@ -76,15 +80,7 @@ where
                         return;
                     }
                 };
-                let deadline = runtime.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => serve(i, listener).await,
-                        Err(error) => {
-                            tracing::error!(worker = i, %error, "cannot listen in a worker");
-                            Instant::now()
-                        }
-                    }
-                });
+                let deadline = runtime.block_on(async move { serve(i, sockets).await });
                 let _ = tx.send(deadline);
             });
         match spawned {

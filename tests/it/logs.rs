@@ -121,3 +121,64 @@ async fn the_access_log_writes_one_json_line_per_request() {
     assert_eq!(second["token"], "-");
     assert!(!text.contains("not-logged"), "the query was logged");
 }
+
+// The test's thread is the proxy's control thread here; the workers log to its subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn further_listeners_are_served_by_the_workers_not_by_the_control_thread() {
+    use http_body_util::BodyExt;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("access=info")
+        .with_ansi(false)
+        .with_thread_names(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _capture = capture_on_this_thread(subscriber);
+
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let dir = crate::operations::tempdir();
+    let socket = dir.join("proxy.sock");
+    let rest = format!(
+        "[listeners.app2]\nlisten = \"127.0.0.1:0\"\n\
+         [listeners.local]\nsocket = {socket:?}\n\
+         [[routes]]\npath_prefix = \"/second\"\nupstream = \"http://{up}\"\naccount = \"main\"\nlistener = \"app2\"\n\
+         [[routes]]\npath_prefix = \"/local\"\nupstream = \"http://{up}\"\naccount = \"main\"\nlistener = \"local\"\n",
+        socket = socket.display().to_string(),
+        up = stubs.upstream_addr,
+    );
+    let config = stubs.config_with_server("access_log = true\nworkers = 2", "", &rest);
+    let proxy = TestProxy::start(&config).await.ready().await;
+    let app2 = &proxy.listeners.iter().find(|(n, _)| n == "app2").unwrap().1;
+    assert_eq!(
+        get(&format!("http://{app2}/second/whoami")).await.status,
+        http::StatusCode::OK
+    );
+    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(unix))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get("/local/whoami")
+        .header(header::HOST, "local")
+        .body(empty())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+
+    // The access line is written when the answer is done: wait for both.
+    let lines = || {
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter(|l| l.contains("/second/whoami") || l.contains("/local/whoami"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let logged = eventually(Duration::from_secs(5), async || lines().len() == 2).await;
+    assert!(logged, "{:?}", lines());
+    for line in lines() {
+        assert!(line.contains(" worker-"), "served off the workers: {line}");
+    }
+}
