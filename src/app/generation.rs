@@ -14,7 +14,6 @@ use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, Route, RouteTable};
 use crate::tls::{client_config, client_config_for, UpstreamTls};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,7 +61,7 @@ impl Generation {
         let (identity, policies) = match same_identity {
             Some(p) => (p.identity.clone(), p.policies.clone()),
             None => (
-                identity_client(&config).await?,
+                identity_client(&config)?,
                 Policies {
                     refresh: config.identity.refresh.clone(),
                     sample: rand::random::<f64>,
@@ -211,44 +210,15 @@ fn origin(route: &RouteConfig) -> String {
 }
 
 /// Builds the identity service client of `config`.
-pub async fn identity_client(config: &Config) -> Result<IdentityClient, StartError> {
+pub fn identity_client(config: &Config) -> Result<IdentityClient, StartError> {
     let global_ca = config.tls.ca_file.as_deref();
     let identity_tls = client_config_for(config.tls.native_roots, global_ca, &config.identity.tls)?;
-    let identity_addrs = match &config.identity.tls.server_name {
-        Some(_) => identity_addresses(&config.identity.origin).await?,
-        None => Vec::new(),
-    };
     IdentityClient::new(
         &config.identity.origin,
         config.identity.timeout,
         config.identity.max_reply_bytes,
         identity_tls,
-        config
-            .identity
-            .tls
-            .server_name
-            .as_deref()
-            .map(|name| (name, identity_addrs.as_slice())),
+        config.identity.tls.server_name.as_deref(),
     )
     .map_err(StartError::IdentityClient)
-}
-
-/// Resolves the identity service's origin host once, for a server-name override.
-async fn identity_addresses(origin: &str) -> Result<Vec<SocketAddr>, StartError> {
-    let failed = |problem: String| StartError::IdentityAddress {
-        origin: origin.to_owned(),
-        problem,
-    };
-    let url = reqwest::Url::parse(origin).map_err(|e| failed(e.to_string()))?;
-    let host = url.host_str().ok_or_else(|| failed("no host".into()))?;
-    let port = url.port_or_known_default().unwrap_or(443);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| failed(e.to_string()))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(failed("resolves to no address".into()));
-    }
-    Ok(addrs)
 }

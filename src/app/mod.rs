@@ -35,8 +35,6 @@ pub enum StartError {
     IdentityClient(#[source] reqwest::Error),
     #[error("cannot serve TLS: {0}")]
     ListenerTls(String),
-    #[error("cannot resolve the identity service {origin}: {problem}")]
-    IdentityAddress { origin: String, problem: String },
     #[error("cannot listen on the Unix socket {path}")]
     BindSocket {
         path: String,

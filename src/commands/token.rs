@@ -43,7 +43,7 @@ pub async fn run(
             known: known.join(", "),
         });
     };
-    let client = identity_client(config).await?;
+    let client = identity_client(config)?;
     let grant = client
         .request_token(&entry.client_id, &entry.secret)
         .await?;

@@ -130,17 +130,44 @@ pub struct IdentityClient {
     max_reply_bytes: u64,
 }
 
+/// Resolves `identity.tls.server_name` to the addresses of the origin's host, looked up
+/// anew for each connection (a service behind a load balancer moves); any other name (a
+/// proxy's, say) as itself.
+struct OriginHost {
+    server_name: String,
+    host: String,
+}
+
+impl reqwest::dns::Resolve for OriginHost {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = if name.as_str().eq_ignore_ascii_case(&self.server_name) {
+            self.host.clone()
+        } else {
+            name.as_str().to_owned()
+        };
+        Box::pin(async move {
+            // The port is the URL's; reqwest puts it on every address.
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves to no address").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 impl IdentityClient {
     /// Creates a client for the identity service at `origin` (`scheme://authority`).
     ///
     /// With `server_name`, the service is asked for by that name (SNI, certificate check and
-    /// `Host`) at the addresses the origin's host had at start.
+    /// `Host`) at the addresses the origin's host has when each connection is opened.
     pub fn new(
         origin: &str,
         timeout: Duration,
         max_reply_bytes: u64,
         tls: rustls::ClientConfig,
-        server_name: Option<(&str, &[std::net::SocketAddr])>,
+        server_name: Option<&str>,
     ) -> Result<IdentityClient, reqwest::Error> {
         let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
@@ -151,8 +178,15 @@ impl IdentityClient {
             .user_agent(concat!("mosaic-auth-proxy/", env!("CARGO_PKG_VERSION")));
         let mut url = reqwest::Url::parse(&format!("{origin}/graphql"))
             .expect("a validated origin joins with /graphql");
-        if let Some((name, addrs)) = server_name {
-            builder = builder.resolve_to_addrs(name, addrs);
+        if let Some(name) = server_name {
+            let host = url.host_str().unwrap_or_default();
+            builder = builder.dns_resolver(OriginHost {
+                server_name: name.to_ascii_lowercase(),
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+            });
             url.set_host(Some(name))
                 .expect("a validated server name is a host");
         }
@@ -300,8 +334,23 @@ fn looks_like_jwt(token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reqwest::dns::{Name, Resolve};
+    use std::str::FromStr;
 
     const JWT: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+
+    #[tokio::test]
+    async fn the_server_name_resolves_to_the_origins_host_and_other_names_to_themselves() {
+        let resolver = OriginHost {
+            server_name: "id.internal".to_owned(),
+            host: "127.0.0.2".to_owned(),
+        };
+        let resolve = |name: &str| resolver.resolve(Name::from_str(name).unwrap());
+        let addrs: Vec<_> = resolve("ID.Internal").await.unwrap().collect();
+        assert_eq!(addrs, ["127.0.0.2:0".parse().unwrap()]);
+        let addrs: Vec<_> = resolve("127.0.0.3").await.unwrap().collect();
+        assert_eq!(addrs, ["127.0.0.3:0".parse().unwrap()]);
+    }
 
     fn ok(body: &str) -> Result<(Secret, Duration), IdentityError> {
         parse_reply(StatusCode::OK, body.as_bytes())
