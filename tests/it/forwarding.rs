@@ -440,21 +440,12 @@ async fn further_listeners_serve_their_own_routes_with_their_own_accounts_over_t
 
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(unix))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = Request::get("/whoami")
-        .header(header::HOST, "local")
-        .body(empty())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(json["data"]["whoami"]["name"], "demo-client (stand-in)");
+    let reply = get_over_unix(&socket, "/whoami").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["data"]["whoami"]["name"],
+        "demo-client (stand-in)"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

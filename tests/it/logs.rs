@@ -125,7 +125,6 @@ async fn the_access_log_writes_one_json_line_per_request() {
 // The test's thread is the proxy's control thread here; the workers log to its subscriber.
 #[tokio::test(flavor = "current_thread")]
 async fn further_listeners_are_served_by_the_workers_not_by_the_control_thread() {
-    use http_body_util::BodyExt;
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -154,19 +153,10 @@ async fn further_listeners_are_served_by_the_workers_not_by_the_control_thread()
         get(&format!("http://{app2}/second/whoami")).await.status,
         http::StatusCode::OK
     );
-    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(unix))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::get("/local/whoami")
-        .header(header::HOST, "local")
-        .body(empty())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), http::StatusCode::OK);
-    response.into_body().collect().await.unwrap();
+    assert_eq!(
+        get_over_unix(&socket, "/local/whoami").await.status,
+        http::StatusCode::OK
+    );
 
     // The access line is written when the answer is done: wait for both.
     let lines = || {

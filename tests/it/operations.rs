@@ -313,14 +313,21 @@ async fn the_status_data_names_accounts_routes_and_recent_events() {
     assert_eq!(refused.status, StatusCode::METHOD_NOT_ALLOWED);
 }
 
-/// A configuration file for the reload test: the main account always, the routes and the
-/// further accounts given.
-fn reload_config(stubs: &Stubs, secret_file: &std::path::Path, extra: &str) -> String {
+/// A configuration file for the reload tests: the main account and its route `/stays`
+/// always, `server` added to `[server]`, and `extra` after the route (its keys, further
+/// routes and accounts).
+fn reload_config(
+    stubs: &Stubs,
+    secret_file: &std::path::Path,
+    server: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+{server}
 
 [identity]
 origin = "{origin}"
@@ -369,7 +376,7 @@ async fn a_reload_under_traffic_adds_and_removes_routes_keeps_tokens_and_refuses
         )
     };
     let first = format!("{}{}{}", route("/old", "gone"), account("gone"), "");
-    std::fs::write(&file, reload_config(&stubs, &secret, &first)).unwrap();
+    std::fs::write(&file, reload_config(&stubs, &secret, "", &first)).unwrap();
     let proxy = TestProxy::start_file(&file).await.ready().await;
     let main = |proxy: &TestProxy| {
         let accounts = proxy.live.accounts();
@@ -393,7 +400,7 @@ async fn a_reload_under_traffic_adds_and_removes_routes_keeps_tokens_and_refuses
 
     // A route added (with a new account), one removed with its account.
     let second = format!("{}{}", route("/new", "fresh"), account("fresh"));
-    std::fs::write(&file, reload_config(&stubs, &secret, &second)).unwrap();
+    std::fs::write(&file, reload_config(&stubs, &secret, "", &second)).unwrap();
     let reply = post_reload(proxy.admin).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     let report = &reply.json()["report"];
@@ -434,7 +441,7 @@ async fn a_reload_under_traffic_adds_and_removes_routes_keeps_tokens_and_refuses
         &file,
         format!(
             "{}\n[server]\nupstream_timeout = \"soon\"\n",
-            reload_config(&stubs, &secret, &second).replace("[server]", "[serverr]")
+            reload_config(&stubs, &secret, "", &second).replace("[server]", "[serverr]")
         ),
     )
     .unwrap();
@@ -472,42 +479,21 @@ async fn a_reload_keeps_the_connections_and_the_budget_of_an_upstream_it_does_no
     std::fs::write(&secret, SECRET).unwrap();
     let file = dir.join("proxy.toml");
     // One worker: one stack of idle connections. A budget of one connection.
-    let config = |max: usize, extra: &str| {
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-workers = 1
-
-[identity]
-origin = "{origin}"
-{FAST_IDENTITY}
-
-[accounts.main]
-client_id = "demo-client"
-client_secret_file = "{secret}"
-
-[[routes]]
-path_prefix = "/kept"
-upstream = "http://{upstream}"
-account = "main"
-max_connections = {max}
-{extra}
-"#,
-            origin = stubs.identity.origin(),
-            secret = secret.display(),
-            upstream = stubs.upstream_addr,
-        )
+    let config = |max: usize, added: &str| {
+        let extra = format!("max_connections = {max}\n{added}");
+        reload_config(&stubs, &secret, "workers = 1", &extra)
     };
     std::fs::write(&file, config(1, "")).unwrap();
     let proxy = TestProxy::start_file(&file).await.ready().await;
     let opened = || stubs.upstream.connections().opened();
-    assert_eq!(get(&proxy.url("/kept/whoami")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&proxy.url("/stays/whoami")).await.status,
+        StatusCode::OK
+    );
     assert_eq!(opened(), 1);
 
     // A request in flight on the configuration before, holding the budget's one place.
-    let slow_url = proxy.url("/kept/slow");
+    let slow_url = proxy.url("/stays/slow");
     let slow = tokio::spawn(async move { get(&slow_url).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let added = "[[routes]]\npath_prefix = \"/added\"\nupstream = \"http://127.0.0.1:9\"\naccount = \"main\"\n";
@@ -516,7 +502,7 @@ max_connections = {max}
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     // The request after the reload waits for that place and then takes the same
     // connection: the upstream never sees two.
-    let after = get(&proxy.url("/kept/whoami")).await;
+    let after = get(&proxy.url("/stays/whoami")).await;
     assert_eq!(after.status, StatusCode::OK);
     assert!(slow.is_finished(), "the budget's place was given twice");
     assert_eq!(slow.await.unwrap().status, StatusCode::OK);
@@ -526,7 +512,10 @@ max_connections = {max}
     std::fs::write(&file, config(2, added)).unwrap();
     let reply = post_reload(proxy.admin).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
-    assert_eq!(get(&proxy.url("/kept/whoami")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&proxy.url("/stays/whoami")).await.status,
+        StatusCode::OK
+    );
     assert_eq!(opened(), 2);
 }
 

@@ -255,6 +255,33 @@ pub async fn get(url: &str) -> Reply {
     send(&client(), request).await
 }
 
+/// Sends a GET for `path` (`Host: local`) over the Unix socket at `socket`.
+pub async fn get_over_unix(socket: &std::path::Path, path: &str) -> Reply {
+    let unix = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("the proxy listens on the socket");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(unix))
+            .await
+            .expect("an HTTP/1.1 connection over the socket");
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header(http::header::HOST, "local")
+        .body(empty())
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .expect("the proxy answers");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("the body arrives").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
 /// Polls `check` every 20 ms until it holds or `limit` passes; returns whether it held.
 pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
