@@ -239,7 +239,11 @@ impl Reply {
 
 /// Sends `request` and reads the whole answer.
 pub async fn send(client: &Client<HttpConnector, TestBody>, request: Request<TestBody>) -> Reply {
-    let response = client.request(request).await.expect("the proxy answers");
+    read_reply(client.request(request).await.expect("the proxy answers")).await
+}
+
+/// Reads a whole answer.
+async fn read_reply(response: http::Response<hyper::body::Incoming>) -> Reply {
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("the body arrives").to_bytes();
     Reply {
@@ -269,17 +273,13 @@ pub async fn get_over_unix(socket: &std::path::Path, path: &str) -> Reply {
         .header(http::header::HOST, "local")
         .body(empty())
         .unwrap();
-    let response = sender
-        .send_request(request)
-        .await
-        .expect("the proxy answers");
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("the body arrives").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    read_reply(
+        sender
+            .send_request(request)
+            .await
+            .expect("the proxy answers"),
+    )
+    .await
 }
 
 /// Polls `check` every 20 ms until it holds or `limit` passes; returns whether it held.
