@@ -37,28 +37,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !present.contains(&true) {
         return;
     }
-    // `Connection` first (index 0). Most of its values name no header: `close` is an
-    // option (RFC 9110 reserves it as a field name), `keep-alive` is in the list anyway,
-    // and a client that opens a connection per request sends `close` with each.
+    // `Connection` first (index 0): the names it lists are removed by reference to its
+    // values, taken out of the map (a clone of each is a reference count). Most values name
+    // no header (`close`, which a client that opens a connection per request sends with
+    // each, or `keep-alive`), and those are not kept: no allocation, no lookup.
     if present[0] {
-        if headers
+        let naming: Vec<HeaderValue> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .any(|value| connection_options(value).next().is_some())
-        {
-            // The names it lists are removed by reference to its values, taken out of the
-            // map (a clone of each is a reference count).
-            let values: Vec<HeaderValue> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .cloned()
-                .collect();
-            headers.remove(header::CONNECTION);
-            for name in values.iter().flat_map(connection_options) {
-                headers.remove(name);
-            }
-        } else {
-            headers.remove(header::CONNECTION);
+            .filter(|value| connection_options(value).next().is_some())
+            .cloned()
+            .collect();
+        headers.remove(header::CONNECTION);
+        for name in naming.iter().flat_map(connection_options) {
+            headers.remove(name);
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
@@ -68,8 +60,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The header names a `Connection` value lists, other than the options `close` and
-/// `keep-alive`.
+/// The header names a `Connection` value lists, other than the options `close` (RFC 9110
+/// reserves it as a field name) and `keep-alive` (removed as a hop-by-hop header anyway).
 fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value
         .to_str()
