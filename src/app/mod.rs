@@ -93,6 +93,18 @@ struct Serving {
     tls: Option<TlsConfig>,
 }
 
+/// What every worker serves with: each listener's shared state, and the connection limits.
+#[derive(Clone)]
+struct Workload {
+    main: Serving,
+    further: Vec<Serving>,
+    /// Open client connections, all listeners together.
+    connections: prometheus_client::metrics::gauge::Gauge,
+    limits: ConnectionLimits,
+    shutdown: Shutdown,
+    grace: Duration,
+}
+
 /// The listener's TLS, and what its reload watches.
 struct ServingTls {
     config: TlsConfig,
@@ -322,18 +334,16 @@ impl App {
                 further: sockets.iter_mut().filter_map(Iterator::next).collect(),
             })
             .collect();
-        let (limits, grace) = (self.limits.clone(), self.shutdown_grace);
+        let load = Workload {
+            main,
+            further,
+            connections,
+            limits: self.limits.clone(),
+            shutdown,
+            grace: self.shutdown_grace,
+        };
         let deadline = worker::run(workers, move |i, sockets| {
-            serve_worker(
-                i,
-                sockets,
-                main.clone(),
-                further.clone(),
-                connections.clone(),
-                limits.clone(),
-                shutdown.clone(),
-                grace,
-            )
+            serve_worker(i, sockets, load.clone())
         })
         .await;
         for path in unix_paths {
@@ -351,17 +361,19 @@ impl App {
 
 /// Serves one worker's sockets: the main listener's and each further listener's, the
 /// latter as tasks of the worker's runtime; returns the latest deadline they drained by.
-#[allow(clippy::too_many_arguments)]
 async fn serve_worker(
     worker: usize,
     sockets: WorkerSockets,
-    main: Serving,
-    further: Vec<Serving>,
-    connections: prometheus_client::metrics::gauge::Gauge,
-    limits: ConnectionLimits,
-    shutdown: Shutdown,
-    grace: Duration,
+    load: Workload,
 ) -> tokio::time::Instant {
+    let Workload {
+        main,
+        further,
+        connections,
+        limits,
+        shutdown,
+        grace,
+    } = load;
     let listen = |bound: Bound, serving: Serving| {
         let listener = match bound.register() {
             Ok(listener) => listener,
