@@ -1,6 +1,7 @@
 //! One configuration made into what requests use: the identity client, the accounts and each
 //! listener's proxy. A reload builds the next generation from the one in use, keeping every
-//! account whose identity settings did not change (with its token and its refresher), every
+//! account whose identity settings did not change (with its token and its refresher, which
+//! takes the identity client made from the TLS files as they are then), every
 //! upstream budget whose size did not change, and every upstream pool (with its open
 //! connections) whose settings and budget did not change.
 
@@ -32,6 +33,8 @@ pub struct Generation {
     pools: HashMap<PoolKey, Arc<Pool>>,
     /// The pools kept from the generation before, and the connectors they take at the switch.
     renewed: Vec<(Arc<Pool>, Connector)>,
+    /// The identity client the kept one (`identity`) takes at the switch.
+    renewed_identity: Option<IdentityClient>,
 }
 
 /// What a pool is made of besides its budget: routes that agree on it share one, and a
@@ -58,14 +61,18 @@ impl Generation {
         let global_ca = config.tls.ca_file.as_deref();
         let same_identity =
             previous.filter(|p| p.config.identity == config.identity && p.config.tls == config.tls);
-        let (identity, policies) = match same_identity {
-            Some(p) => (p.identity.clone(), p.policies.clone()),
+        // The identity client is made anew from the TLS files as they are now; kept accounts'
+        // refreshers, which hold the one in use, take it at the switch.
+        let fresh_identity = identity_client(&config)?;
+        let (identity, policies, renewed_identity) = match same_identity {
+            Some(p) => (p.identity.clone(), p.policies.clone(), Some(fresh_identity)),
             None => (
-                identity_client(&config)?,
+                fresh_identity,
                 Policies {
                     refresh: config.identity.refresh.clone(),
                     sample: rand::random::<f64>,
                 },
+                None,
             ),
         };
         let accounts: Vec<Arc<Account>> = config
@@ -188,16 +195,24 @@ impl Generation {
             budgets,
             pools,
             renewed,
+            renewed_identity,
         })
     }
 
     /// Hands each kept account the secret this configuration gives it (a changed secret is
-    /// used for the next token request, at once; the token in use stays until then), and
-    /// each kept pool the connector made from the files as they are now (for the connections
-    /// it opens from then on). Until this, building the generation changed nothing in use.
+    /// used for the next token request, at once; the token in use stays until then), the
+    /// identity client and each kept pool what was made from the TLS files as they are now
+    /// (for the connections they open from then on), and has an account whose last token
+    /// request failed ask again at once. Until this, building the generation changed
+    /// nothing in use.
     pub fn settle(&self) {
+        if let Some(fresh) = &self.renewed_identity {
+            self.identity.renew(fresh);
+        }
         for (account, config) in self.accounts.iter().zip(&self.config.accounts) {
-            account.replace_secret(config.secret.clone());
+            if !account.replace_secret(config.secret.clone()) && account.retry_if_failing() {
+                tracing::info!(account = %account.name(), "the last token request failed; asking again with the reloaded configuration");
+            }
         }
         for (pool, connector) in &self.renewed {
             pool.renew_connector(connector.clone());

@@ -447,6 +447,18 @@ impl Account {
         Ok(self.replace_secret(fresh))
     }
 
+    /// Has the refresher ask for a token at once, whatever the backoff, if the last token
+    /// request failed (after a reload that may have mended the cause). Returns whether it
+    /// did.
+    pub fn retry_if_failing(&self) -> bool {
+        if self.progress.borrow().failure.is_none() {
+            return false;
+        }
+        self.lifecycle().ask_at_once();
+        self.wake.notify_one();
+        true
+    }
+
     /// Uses `fresh` from now on if it differs from the secret in use, and has the refresher
     /// ask for a token with it at once (the current token stays in use until the new one
     /// arrives). Returns whether it differed.
@@ -456,7 +468,7 @@ impl Account {
         }
         self.secret.store(Arc::new(fresh));
         tracing::info!(account = %self.name, "the client secret changed; requesting a token with it");
-        self.lifecycle().secret_changed();
+        self.lifecycle().ask_at_once();
         self.wake.notify_one();
         true
     }
@@ -515,5 +527,22 @@ mod tests {
             }
             refresher.await.unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_account_whose_last_token_request_failed_is_asked_again_at_once() {
+        let account = Account::with_token("a", token(1));
+        assert!(!account.retry_if_failing(), "nothing failed");
+
+        let failed = IdentityError::Status(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let next = account.settle(Err(failed), 0.5);
+        assert!(next > Instant::now(), "a failure backs off");
+        assert!(account.retry_if_failing());
+        tokio::time::timeout(Duration::from_millis(1), account.woken())
+            .await
+            .expect("the refresher is woken before its backoff ends");
+
+        account.settle(Ok(token(2)), 0.5);
+        assert!(!account.retry_if_failing(), "the last request succeeded");
     }
 }

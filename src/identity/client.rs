@@ -2,8 +2,10 @@
 
 use crate::mosaic::{self, ErrorCode, GraphqlError};
 use crate::secret::Secret;
+use arc_swap::ArcSwap;
 use http::StatusCode;
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -121,10 +123,11 @@ impl IdentityError {
     }
 }
 
-/// A client of one identity service.
+/// A client of one identity service. Its clones share one HTTP client, which a reload
+/// renews (with the TLS files as they are then) for all of them at once.
 #[derive(Clone, Debug)]
 pub struct IdentityClient {
-    http: reqwest::Client,
+    http: Arc<ArcSwap<reqwest::Client>>,
     url: reqwest::Url,
     timeout: Duration,
     max_reply_bytes: u64,
@@ -190,13 +193,19 @@ impl IdentityClient {
             url.set_host(Some(name))
                 .expect("a validated server name is a host");
         }
-        let http = builder.build()?;
+        let http = Arc::new(ArcSwap::from_pointee(builder.build()?));
         Ok(IdentityClient {
             http,
             url,
             timeout,
             max_reply_bytes,
         })
+    }
+
+    /// Makes every clone of this client send its next token requests with `fresh`'s HTTP
+    /// client (its TLS files read anew); a request under way finishes on the one it began.
+    pub fn renew(&self, fresh: &IdentityClient) {
+        self.http.store(fresh.http.load_full());
     }
 
     /// Requests a token for one account; the whole exchange is bounded by the timeout.
@@ -212,8 +221,8 @@ impl IdentityClient {
                 "variables": {"clientId": client_id, "clientSecret": secret.expose()},
                 "query": mosaic::TOKEN_QUERY,
             });
-            let mut response = self
-                .http
+            let http = self.http.load_full();
+            let mut response = http
                 .post(self.url.clone())
                 .json(&body)
                 .send()

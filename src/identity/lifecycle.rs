@@ -157,8 +157,9 @@ impl Lifecycle {
         self.breaker.is_open(now)
     }
 
-    /// Notes a new client secret: a token request is due at once, whatever the backoff.
-    pub fn secret_changed(&mut self) {
+    /// Notes that a token request is due at once, whatever the backoff: the client secret
+    /// changed, or a reload may have mended what made the last one fail.
+    pub fn ask_at_once(&mut self) {
         self.repeating = false;
     }
 }
@@ -314,7 +315,7 @@ mod tests {
                     )),
                     Rejected(token) => Decision::Refusal(life.rejected(&h(token), true, t0)),
                     SecretChanged => {
-                        life.secret_changed();
+                        life.ask_at_once();
                         Decision::RefreshNow
                     }
                 });

@@ -460,23 +460,25 @@ async fn tls_front(server_ca: &Ca, client_ca: &Ca, behind: String) -> std::net::
     .await
 }
 
-#[tokio::test]
-async fn the_identity_service_is_reached_with_its_own_ca_client_certificate_and_server_name() {
-    let stubs = Stubs::start(StubSettings::default()).await;
-    let (server_ca, client_ca) = (Ca::new("identity CA"), Ca::new("client CA"));
+/// Puts a client certificate of `ca` (and its key) in `client.pem` and `client.key`.
+fn write_client_cert(files: &Files, ca: &Ca) {
+    let (cert, key) = ca.leaf("proxy", &[], Some("spiffe://example.org/proxy"));
+    std::fs::write(files.path("client.pem"), pem_cert(&cert)).unwrap();
+    std::fs::write(files.path("client.key"), key.serialize_pem()).unwrap();
+}
+
+/// Puts the identity stub behind a TLS front (`server_ca`'s certificate for `id.internal`,
+/// a client certificate of `client_ca` required) and returns a configuration that reaches
+/// it by that name with `ca.pem`, `client.pem` and `client.key` of `files`.
+async fn identity_over_tls(stubs: &Stubs, server_ca: &Ca, client_ca: &Ca, files: &Files) -> String {
     let plain = stubs
         .identity
         .origin()
         .trim_start_matches("http://")
         .to_owned();
-    let front = tls_front(&server_ca, &client_ca, plain).await;
-    let files = Files::new("identity");
-    std::fs::write(files.path("ca.pem"), server_ca.pem()).unwrap();
-    let (cert, key) = client_ca.leaf("proxy", &[], Some("spiffe://example.org/proxy"));
-    std::fs::write(files.path("client.pem"), pem_cert(&cert)).unwrap();
-    std::fs::write(files.path("client.key"), key.serialize_pem()).unwrap();
+    let front = tls_front(server_ca, client_ca, plain).await;
     let p = |name: &str| format!("{:?}", files.path(name).display().to_string());
-    let text = stubs
+    stubs
         .config("", "")
         .replace(
             &format!("origin = \"{}\"", stubs.identity.origin()),
@@ -487,8 +489,58 @@ async fn the_identity_service_is_reached_with_its_own_ca_client_certificate_and_
             p("ca.pem"),
             p("client.pem"),
             p("client.key")
-        );
+        )
+}
+
+#[tokio::test]
+async fn the_identity_service_is_reached_with_its_own_ca_client_certificate_and_server_name() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let (server_ca, client_ca) = (Ca::new("identity CA"), Ca::new("client CA"));
+    let files = Files::new("identity");
+    std::fs::write(files.path("ca.pem"), server_ca.pem()).unwrap();
+    write_client_cert(&files, &client_ca);
+    let text = identity_over_tls(&stubs, &server_ca, &client_ca, &files).await;
     let proxy = TestProxy::start(&text).await.ready().await;
+    let reply = get(&proxy.url("/whoami")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(stubs.identity.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_reload_reaches_the_identity_service_with_the_client_certificate_as_it_is_then() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let (server_ca, client_ca) = (Ca::new("identity CA"), Ca::new("client CA"));
+    let files = Files::new("identity-reload");
+    std::fs::write(files.path("ca.pem"), server_ca.pem()).unwrap();
+    // A certificate the identity service does not accept.
+    write_client_cert(&files, &Ca::new("stranger CA"));
+    std::fs::write(files.path("secret"), SECRET).unwrap();
+    let text = identity_over_tls(&stubs, &server_ca, &client_ca, &files)
+        .await
+        .replace(
+            "client_secret_env = \"CLIENT_SECRET\"",
+            &format!(
+                "client_secret_file = {:?}",
+                files.path("secret").display().to_string()
+            ),
+        );
+    std::fs::write(files.path("proxy.toml"), text).unwrap();
+    let proxy = TestProxy::start_file(&files.path("proxy.toml")).await;
+    let reply = get(&proxy.url("/whoami")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The same configuration, the certificate renewed by one the service accepts.
+    write_client_cert(&files, &client_ca);
+    let reload = Request::post(format!("http://{}/reload", proxy.admin))
+        .body(empty())
+        .unwrap();
+    let reply = send(&client(), reload).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    assert!(
+        proxy.accounts[0].wait_ready(deadline).await,
+        "no token with the renewed certificate"
+    );
     let reply = get(&proxy.url("/whoami")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(stubs.identity.token_requests(), 1);
