@@ -487,9 +487,11 @@ impl Proxy {
                 });
             };
             let sending = Instant::now();
+            let deadline = tokio::time::Instant::from_std(sending + self.upstream_timeout);
             let to_upstream = route.pool.send(request, new_connection);
-            let mut exchange = Exchange::new(to_upstream, slot, client.0.conn.clone());
-            let answered = tokio::time::timeout(self.upstream_timeout, &mut exchange).await;
+            let conn = &client.0.conn;
+            let mut exchange = Exchange::new(to_upstream, slot, conn.clone());
+            let answered = conn.timers.within(deadline, &mut exchange).await;
             let Ok(answered) = answered else {
                 exchange.give_up();
                 return Err(ProxyError::UpstreamTimeout(self.upstream_timeout));

@@ -3,6 +3,7 @@
 //! ([`super::watchdog`]) judges. The counters are the connection's own, so they cost a few
 //! uncontended atomic operations per request and no lock.
 
+use super::deadline::KeptTimers;
 use super::goaway::SocketSignals;
 use super::watchdog::Snapshot;
 use http::{Request, Response};
@@ -57,6 +58,8 @@ pub struct ClientConn {
     pub draining: Draining,
     /// The certificate the client presented over TLS, if any.
     client_cert: Option<crate::tls::ClientCert>,
+    /// Its accept loop's timers, which bound each request's wait for its upstream's answer.
+    pub timers: Arc<KeptTimers>,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -68,6 +71,7 @@ impl ClientConn {
         cancel_budget: CancelBudget,
         draining: Draining,
         client_cert: Option<crate::tls::ClientCert>,
+        timers: Arc<KeptTimers>,
     ) -> ClientConn {
         ClientConn {
             peer,
@@ -83,6 +87,7 @@ impl ClientConn {
             idle_reads: AtomicU64::new(0),
             draining,
             client_cert,
+            timers,
             _slot: slot,
         }
     }

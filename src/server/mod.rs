@@ -10,6 +10,7 @@
 //! flow-control windows.
 
 pub mod conn;
+pub mod deadline;
 pub mod goaway;
 pub mod http;
 pub mod side;
@@ -22,6 +23,7 @@ use crate::shutdown::Shutdown;
 use crate::tls::ClientCert;
 use crate::BoxError;
 use conn::{CancelBudget, ClientConn, Counted, Draining};
+use deadline::KeptTimers;
 use goaway::ClientSocket;
 use http::{Connection, Protocols, Served};
 use side::SideWaker;
@@ -115,6 +117,7 @@ where
     // Every connection holds a receiver; `closed` tells when the last one (and its tunnel)
     // ended.
     let (running, running_rx) = watch::channel(());
+    let timers = Arc::new(KeptTimers::default());
     let mut refused = Throttle::default();
     let mut accept_failed = Throttle::default();
     // One wait for the whole loop, not one made and registered anew per connection.
@@ -152,6 +155,7 @@ where
             _running: running_rx.clone(),
         };
         let (protocols, make, tls) = (protocols.clone(), make.clone(), tls.clone());
+        let timers = timers.clone();
         // Boxed: tokio moves a task's future several times as it spawns it, and once more
         // when it ends; a box is 8 bytes where the connection's future is about 1 KB.
         tokio::spawn(Box::pin(async move {
@@ -192,6 +196,7 @@ where
                 cancel_budget,
                 draining,
                 client_cert,
+                timers,
             ));
             let service = Counted::new(make(&client), client.clone());
             let socket = ClientSocket::new(transport, client.signals.clone());
