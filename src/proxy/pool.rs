@@ -81,6 +81,8 @@ pub struct Pool {
     scheme: Scheme,
     authority: Authority,
     h2c: bool,
+    /// `h2c`, or `https`, where ALPN may choose HTTP/2.
+    may_h2: bool,
     /// Renewed by a reload that keeps the pool (files it read may have changed).
     connector: ArcSwap<Connector>,
     /// How long an idle connection is reused at most (`server.upstream_idle_timeout`).
@@ -138,6 +140,7 @@ impl Pool {
             .expect("a scheme and an authority make a URI");
         Pool {
             target,
+            may_h2: h2c || scheme == Scheme::HTTPS,
             scheme,
             authority,
             h2c,
@@ -163,17 +166,23 @@ impl Pool {
         self.connector.store(Arc::new(connector));
     }
 
-    /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) and waits for the
-    /// answer's head. With `new_connection`, an HTTP/1.1 request does not take an idle
+    /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) at `now` and waits for
+    /// the answer's head. With `new_connection`, an HTTP/1.1 request does not take an idle
     /// connection (unless the budget is spent and one is given back).
-    pub fn send(self: &Arc<Self>, request: Request<ProxyBody>, new_connection: bool) -> Sending {
-        Box::pin(Arc::clone(self).exchange(request, new_connection))
+    pub fn send(
+        self: &Arc<Self>,
+        request: Request<ProxyBody>,
+        new_connection: bool,
+        now: Instant,
+    ) -> Sending {
+        Box::pin(Arc::clone(self).exchange(request, new_connection, now))
     }
 
     async fn exchange(
         self: Arc<Self>,
         mut request: Request<ProxyBody>,
         new_connection: bool,
+        now: Instant,
     ) -> Result<Sent, SendError> {
         loop {
             let conn = match self.ready_h2() {
@@ -181,7 +190,7 @@ impl Pool {
                     sender,
                     reused: true,
                 },
-                None => match (!new_connection).then(|| self.take_idle()).flatten() {
+                None => match (!new_connection).then(|| self.take_idle(now)).flatten() {
                     Some(conn) => conn,
                     // Boxed: connecting (TCP, TLS, a handshake) is rare and would make every
                     // request's future several kilobytes.
@@ -261,6 +270,9 @@ impl Pool {
 
     /// Returns this thread's HTTP/2 connection, if it has one open.
     fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+        if !self.may_h2 {
+            return None;
+        }
         let h2 = lock(&self.h2[self.here()]);
         h2.as_ref().filter(|s| !s.is_closed()).cloned()
     }
@@ -294,8 +306,8 @@ impl Pool {
 
     /// Takes the most recently given back connection of this thread's stack that is still
     /// open and within its time; the others it passes are closed.
-    fn take_idle(&self) -> Option<Conn> {
-        self.take_idle_from(self.here(), Instant::now())
+    fn take_idle(&self, now: Instant) -> Option<Conn> {
+        self.take_idle_from(self.here(), now)
     }
 
     /// Like [`Pool::take_idle`], then from the other threads' stacks.
@@ -694,7 +706,7 @@ mod tests {
             .header(header::HOST, "upstream")
             .body(ProxyBody::full(""))
             .unwrap();
-        let (response, conn) = pool.send(request, false).await.unwrap();
+        let (response, conn) = pool.send(request, false, Instant::now()).await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -866,9 +878,12 @@ mod tests {
             .header(header::HOST, "upstream")
             .body(ProxyBody::full(""))
             .unwrap();
-        let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(request, false))
-            .await
-            .expect("the failure is reported, not retried until the caller gives up");
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send(request, false, Instant::now()),
+        )
+        .await
+        .expect("the failure is reported, not retried until the caller gives up");
         assert!(sent.is_err());
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }

@@ -486,9 +486,9 @@ impl Proxy {
                     waited: self.upstream_timeout,
                 });
             };
-            let sending = Instant::now();
-            let deadline = tokio::time::Instant::from_std(sending + self.upstream_timeout);
-            let to_upstream = route.pool.send(request, new_connection);
+            let sending = tokio::time::Instant::now();
+            let deadline = sending + self.upstream_timeout;
+            let to_upstream = route.pool.send(request, new_connection, sending);
             let conn = &client.0.conn;
             let mut exchange = Exchange::new(to_upstream, slot, conn.clone());
             let answered = conn.timers.within(deadline, &mut exchange).await;
