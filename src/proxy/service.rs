@@ -30,7 +30,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -389,10 +389,9 @@ impl Proxy {
                 request.headers(),
             )
             .map_err(ProxyError::Denied)?;
-        let forwarded_host = host_header.cloned().or_else(|| {
-            let authority = request.uri().authority()?;
-            HeaderValue::from_str(authority.as_str()).ok()
-        });
+        let forwarded_host = host_header
+            .cloned()
+            .or_else(|| client.authority_value(request.uri().authority()?));
         Ok(Picked {
             route,
             judged_path: match judged.path {
@@ -629,6 +628,9 @@ struct ConnView {
     proxy: Arc<ArcSwap<Proxy>>,
     conn: Arc<ClientConn>,
     address: ClientAddress,
+    /// The last `:authority` of an HTTP/2 request as a header value: clients name the same
+    /// one on every stream, and a clone of it costs no allocation.
+    authority: Mutex<Option<HeaderValue>>,
     /// Open client connections, this one counted until its last request is done.
     connections: Gauge,
 }
@@ -652,8 +654,22 @@ impl ProxyService {
             proxy,
             conn,
             address,
+            authority: Mutex::new(None),
             connections: connections.clone(),
         }))
+    }
+
+    /// Returns `authority` (an HTTP/2 request's, or an absolute target's) as a header value.
+    fn authority_value(&self, authority: &http::uri::Authority) -> Option<HeaderValue> {
+        let mut last = self.0.authority.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some(value) if value.as_bytes() == authority.as_str().as_bytes() => Some(value.clone()),
+            _ => {
+                let value = HeaderValue::from_str(authority.as_str()).ok()?;
+                *last = Some(value.clone());
+                Some(value)
+            }
+        }
     }
 }
 

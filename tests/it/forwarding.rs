@@ -86,6 +86,32 @@ async fn http2_prior_knowledge_clients_are_served() {
 }
 
 #[tokio::test]
+async fn each_http2_request_forwards_its_own_authority_as_x_forwarded_host() {
+    let h = harness(StubSettings::default()).await;
+    let tcp = tokio::net::TcpStream::connect(h.proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    // One connection; the authority changes, and comes back.
+    let port = h.proxy.addr.port();
+    for host in ["localhost", "127.0.0.1", "127.0.0.1", "localhost"] {
+        let authority = format!("{host}:{port}");
+        let request = Request::get(format!("http://{authority}/whoami"))
+            .body(empty())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+        let seen = h.stubs.upstream.last().expect("the upstream saw it");
+        assert_eq!(seen.headers["x-forwarded-host"], authority.as_str());
+    }
+}
+
+#[tokio::test]
 async fn two_accounts_on_two_routes_inject_two_different_tokens() {
     let mut settings = StubSettings::default();
     settings
