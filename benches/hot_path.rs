@@ -12,6 +12,7 @@ use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
 use mosaic_auth_proxy::proxy::headers::{remove_hop_by_hop, ClientAddress};
 use mosaic_auth_proxy::secret::Secret;
+use mosaic_auth_proxy::server::deadline::KeptTimers;
 use mosaic_auth_proxy::shutdown::{self, Shutdown};
 use mosaic_auth_proxy::stub::{IdentityStub, SigningKey, StubSettings};
 use mosaic_auth_proxy::{App, Config};
@@ -106,6 +107,37 @@ fn profile_hot_spots(c: &mut Criterion) {
     c.bench_function("hot_path/replay_head_copy", |b| {
         b.iter(|| (plain.clone(), uri.clone(), http::Method::POST))
     });
+    upstream_deadline(c);
+}
+
+/// The bound on a request's wait for its answer: a fresh `tokio::time::timeout`, which goes
+/// into the timer wheel and out again, against a kept timer set anew. The future waited for
+/// is pending once (as an exchange is before its answer), so that the timer is armed.
+fn upstream_deadline(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wait = Duration::from_secs(60);
+    c.bench_function("hot_path/upstream_deadline_fresh_timeout", |b| {
+        b.iter(|| {
+            runtime.block_on(async { tokio::time::timeout(wait, Box::pin(pending_once())).await })
+        })
+    });
+    let kept = KeptTimers::default();
+    c.bench_function("hot_path/upstream_deadline_kept_timer", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let deadline = tokio::time::Instant::now() + wait;
+                kept.within(deadline, Box::pin(pending_once())).await
+            })
+        })
+    });
+}
+
+/// Pending at its first poll, ready at its second.
+async fn pending_once() {
+    tokio::task::yield_now().await;
 }
 
 fn token_and_rewrite(c: &mut Criterion) {
