@@ -81,8 +81,6 @@ pub struct Pool {
     scheme: Scheme,
     authority: Authority,
     h2c: bool,
-    /// `h2c`, or `https`, where ALPN may choose HTTP/2.
-    may_h2: bool,
     /// Renewed by a reload that keeps the pool (files it read may have changed).
     connector: ArcSwap<Connector>,
     /// How long an idle connection is reused at most (`server.upstream_idle_timeout`).
@@ -140,7 +138,6 @@ impl Pool {
             .expect("a scheme and an authority make a URI");
         Pool {
             target,
-            may_h2: h2c || scheme == Scheme::HTTPS,
             scheme,
             authority,
             h2c,
@@ -270,7 +267,8 @@ impl Pool {
 
     /// Returns this thread's HTTP/2 connection, if it has one open.
     fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
-        if !self.may_h2 {
+        // Only `h2c`, or `https` by ALPN, can have one.
+        if !self.h2c && self.scheme != Scheme::HTTPS {
             return None;
         }
         let h2 = lock(&self.h2[self.here()]);
