@@ -33,6 +33,14 @@ pub use app::App;
 /// The error type of bodies and services whose errors come from more than one place.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Pins in a box what `make` makes, built in the box: `Box::pin(value)` builds the value on
+/// the stack and copies the whole of it into the box, where a future's size is that of its
+/// largest state (kilobytes for a request or a connection), however little of it is in use.
+pub fn pin_in_place<T>(make: impl FnOnce() -> T) -> std::pin::Pin<Box<T>> {
+    let slot = Box::<T>::new_uninit();
+    Box::into_pin(Box::write(slot, make()))
+}
+
 /// Renders an error with its sources, `outer: inner: innermost`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

@@ -172,79 +172,85 @@ impl Pool {
         new_connection: bool,
         now: Instant,
     ) -> Sending {
-        Box::pin(Arc::clone(self).exchange(request, new_connection, now))
+        let pool = Arc::clone(self);
+        crate::pin_in_place(move || pool.exchange(request, new_connection, now))
     }
 
-    async fn exchange(
+    // An `async` block rather than an `async fn`, which would keep the request twice (see
+    // `Proxy::handle`).
+    #[allow(clippy::manual_async_fn)]
+    fn exchange(
         self: Arc<Self>,
         mut request: Request<ProxyBody>,
         new_connection: bool,
         now: Instant,
-    ) -> Result<Sent, SendError> {
-        loop {
-            let conn = match self.ready_h2() {
-                Some(sender) => Conn::H2 {
-                    sender,
-                    reused: true,
-                },
-                None => match (!new_connection).then(|| self.take_idle(now)).flatten() {
-                    Some(conn) => conn,
-                    // Boxed: connecting (TCP, TLS, a handshake) is rare and would make every
-                    // request's future several kilobytes.
-                    None => Box::pin(self.connect_or_wait()).await?,
-                },
-            };
-            match conn {
-                Conn::H1 { mut sender, kept } => {
-                    let reused = kept.is_some();
-                    if let Err(error) = sender.ready().await {
-                        // A reused connection may have closed meanwhile; a new one that
-                        // cannot take a request is the upstream's answer, not retried.
-                        if reused {
-                            continue;
+    ) -> impl Future<Output = Result<Sent, SendError>> + Send {
+        async move {
+            loop {
+                let conn = match self.ready_h2() {
+                    Some(sender) => Conn::H2 {
+                        sender,
+                        reused: true,
+                    },
+                    None => match (!new_connection).then(|| self.take_idle(now)).flatten() {
+                        Some(conn) => conn,
+                        // Boxed: connecting (TCP, TLS, a handshake) is rare and would make every
+                        // request's future several kilobytes.
+                        None => Box::pin(self.connect_or_wait()).await?,
+                    },
+                };
+                match conn {
+                    Conn::H1 { mut sender, kept } => {
+                        let reused = kept.is_some();
+                        if let Err(error) = sender.ready().await {
+                            // A reused connection may have closed meanwhile; a new one that
+                            // cannot take a request is the upstream's answer, not retried.
+                            if reused {
+                                continue;
+                            }
+                            return Err(SendError::Exchange(error));
                         }
-                        return Err(SendError::Exchange(error));
-                    }
-                    match sender.try_send_request(request).await {
-                        Ok(response) => {
-                            // Read once per connection: an upstream says the same each time. A
-                            // new connection's task runs on this thread, as this request does.
-                            let lease = kept.unwrap_or_else(|| {
-                                Lease::new(self.keep_for(response.headers()), self.here())
-                            });
-                            let pooled = Pooled {
-                                sender,
-                                lease,
-                                pool: self.clone(),
-                            };
-                            return Ok((response, Some(pooled)));
-                        }
-                        Err(mut error) => match error.take_message() {
-                            // Not written: the connection closed first. Another one may take it.
-                            Some(unsent) if reused => request = unsent,
-                            _ => {
-                                let error = error.into_error();
-                                if reused && closed_before_answer(&error) {
-                                    return Err(SendError::Dropped(error));
+                        match sender.try_send_request(request).await {
+                            Ok(response) => {
+                                // Read once per connection: an upstream says the same each time. A
+                                // new connection's task runs on this thread, as this request does.
+                                let lease = kept.unwrap_or_else(|| {
+                                    Lease::new(self.keep_for(response.headers()), self.here())
+                                });
+                                let pooled = Pooled {
+                                    sender,
+                                    lease,
+                                    pool: self.clone(),
+                                };
+                                return Ok((response, Some(pooled)));
+                            }
+                            Err(mut error) => match error.take_message() {
+                                // Not written: the connection closed first. Another one may take it.
+                                Some(unsent) if reused => request = unsent,
+                                _ => {
+                                    let error = error.into_error();
+                                    if reused && closed_before_answer(&error) {
+                                        return Err(SendError::Dropped(error));
+                                    }
+                                    return Err(SendError::Exchange(error));
                                 }
-                                return Err(SendError::Exchange(error));
-                            }
-                        },
+                            },
+                        }
                     }
-                }
-                Conn::H2 { mut sender, reused } => {
-                    self.to_h2(&mut request);
-                    match sender.try_send_request(request).await {
-                        Ok(response) => return Ok((response, None)),
-                        Err(mut error) => {
-                            let unsent = error.take_message();
-                            let closed = sender.is_closed();
-                            if closed {
-                                self.forget_closed_h2();
-                            }
-                            match unsent {
-                                Some(unsent) if closed && reused => request = unsent,
-                                _ => return Err(SendError::Exchange(error.into_error())),
+                    Conn::H2 { mut sender, reused } => {
+                        self.to_h2(&mut request);
+                        match sender.try_send_request(request).await {
+                            Ok(response) => return Ok((response, None)),
+                            Err(mut error) => {
+                                let unsent = error.take_message();
+                                let closed = sender.is_closed();
+                                if closed {
+                                    self.forget_closed_h2();
+                                }
+                                match unsent {
+                                    Some(unsent) if closed && reused => request = unsent,
+                                    _ => return Err(SendError::Exchange(error.into_error())),
+                                }
                             }
                         }
                     }

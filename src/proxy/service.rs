@@ -680,7 +680,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let service = self.clone();
-        Box::pin(async move {
+        crate::pin_in_place(move || async move {
             let proxy = service.0.proxy.load_full();
             let mut record = Record::begin(&proxy.unrouted, Instant::now());
             // Awaited in place: a future held in a local and then moved would be stored twice.

@@ -158,7 +158,7 @@ where
         let timers = timers.clone();
         // Boxed: tokio moves a task's future several times as it spawns it, and once more
         // when it ends; a box is 8 bytes where the connection's future is about 1 KB.
-        tokio::spawn(Box::pin(async move {
+        tokio::spawn(crate::pin_in_place(move || async move {
             // The handshake counts against the time to the first request head.
             let deadline = accepted + timeouts.header;
             let (transport, client_cert) = match (stream, tls) {
@@ -202,7 +202,7 @@ where
             let socket = ClientSocket::new(transport, client.signals.clone());
             // Boxed: hyper's connection is about 3 KB, and the task's future, moved on every
             // change of the task's stage, is kept small.
-            let connection = Box::pin(Connection::new(protocols, socket, service));
+            let connection = crate::pin_in_place(|| Connection::new(protocols, socket, service));
             drive(connection, client, timeouts, accepted).await;
         }));
     }

@@ -420,7 +420,7 @@ fn jwks(state: &State, path: &str) -> Response<StubBody> {
 fn current_fault(state: &State, n: u64) -> Option<Fault> {
     let faults = state.faults.lock().expect("faults lock");
     let every = faults.every.max(1);
-    faults.fault.clone().filter(|_| n % every == 0)
+    faults.fault.clone().filter(|_| n.is_multiple_of(every))
 }
 
 async fn token_endpoint(
