@@ -20,21 +20,43 @@ pub enum Inspected {
     Rejected(Response<ProxyBody>, String),
 }
 
+/// What an answer's head tells.
+pub enum Head {
+    /// Judged by the head alone.
+    Judged(Inspected),
+    /// A small JSON answer: its body is to be read ([`inspect_body`]).
+    ReadBody(Response<UpstreamBody>),
+}
+
 /// Judges an answer. Only a small, uncompressed JSON answer with status 200 is read (and then
 /// passed on from memory); every other answer streams through untouched.
 pub async fn inspect(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
+    match inspect_head(response) {
+        Head::Judged(inspected) => Ok(inspected),
+        Head::ReadBody(response) => inspect_body(response).await,
+    }
+}
+
+/// Judges an answer by its head where that is enough. Not `async`: most answers are judged
+/// here, and a future of its own would keep the answer once more and copy it in and out.
+pub fn inspect_head(response: Response<UpstreamBody>) -> Head {
     if response.status() == StatusCode::UNAUTHORIZED {
-        return Ok(Inspected::Rejected(
+        return Head::Judged(Inspected::Rejected(
             response.map(ProxyBody::Upstream),
             "HTTP_401".to_owned(),
         ));
     }
     if !may_be_rejection(&response) {
-        return Ok(Inspected::Pass(response.map(ProxyBody::Upstream)));
+        return Head::Judged(Inspected::Pass(response.map(ProxyBody::Upstream)));
     }
+    Head::ReadBody(response)
+}
+
+/// Reads a small JSON answer, which is then passed on from memory, and judges it.
+pub async fn inspect_body(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
     let (parts, body) = response.into_parts();
-    // Boxed: most requests never read their answer, and their futures stay small.
-    let bytes = Box::pin(Limited::new(body, INSPECT_LIMIT as usize).collect())
+    let bytes = Limited::new(body, INSPECT_LIMIT as usize)
+        .collect()
         .await
         .map_err(ProxyError::UpstreamBody)?
         .to_bytes();

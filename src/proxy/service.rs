@@ -3,7 +3,7 @@
 use super::body::{body_timeout_in, BodyPace, Metered, ProxyBody, TimedBody};
 use super::error::{Fault, ProxyError};
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
-use super::inspect::{inspect, Inspected};
+use super::inspect::{inspect, inspect_body, inspect_head, Head, Inspected};
 use super::path::{self, PathError};
 use super::pool::SendError;
 use super::record::Record;
@@ -249,7 +249,13 @@ impl Proxy {
             }
 
             // Response filter.
-            let mut response = match inspect(response).await? {
+            let inspected = match inspect_head(response) {
+                Head::Judged(inspected) => inspected,
+                // Boxed: most answers are judged by their head, and every request's future
+                // stays small.
+                Head::ReadBody(response) => Box::pin(inspect_body(response)).await?,
+            };
+            let mut response = match inspected {
                 Inspected::Pass(response) => response,
                 Inspected::Rejected(original, code) => {
                     route.account.stats().rejection(&code);
