@@ -225,7 +225,8 @@ impl Pool {
                                 return Ok((response, Some(pooled)));
                             }
                             Err(mut error) => match error.take_message() {
-                                // Not written: the connection closed first. Another one may take it.
+                                // Not written: the connection closed first. Another one may
+                                // take it.
                                 Some(unsent) if reused => request = unsent,
                                 _ => {
                                     let error = error.into_error();
