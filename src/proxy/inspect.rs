@@ -37,8 +37,9 @@ pub async fn inspect(response: Response<UpstreamBody>) -> Result<Inspected, Prox
     }
 }
 
-/// Judges an answer by its head where that is enough. Not `async`: most answers are judged
-/// here, and a future of its own would keep the answer once more and copy it in and out.
+/// Judges an answer by its head where that is enough. Not `async`: a future of its own
+/// would keep the answer once more and copy it in and out, for every answer, where only
+/// small JSON answers with status 200 need their body read.
 pub fn inspect_head(response: Response<UpstreamBody>) -> Head {
     if response.status() == StatusCode::UNAUTHORIZED {
         return Head::Judged(Inspected::Rejected(

@@ -251,8 +251,8 @@ impl Proxy {
             // Response filter.
             let inspected = match inspect_head(response) {
                 Head::Judged(inspected) => inspected,
-                // Boxed: most answers are judged by their head, and every request's future
-                // stays small.
+                // Boxed: the read keeps the head and the body's collection, room that an answer
+                // judged by its head (a large, non-JSON or non-200 one) would carry unused.
                 Head::ReadBody(response) => Box::pin(inspect_body(response)).await?,
             };
             let mut response = match inspected {
