@@ -7,15 +7,18 @@
 #   QUICK=1 benches/compare.sh         # 1 round x 2 s: a smoke test, not a verdict
 #   ROUNDS=5 DUR=10 SCENARIOS="small h2" PROXIES="ours nginx" benches/compare.sh
 #   BIN=path/to/mosaic-auth-proxy benches/compare.sh   # that binary instead of a release build
+#   CONNECTIONS=8 SCENARIOS=small benches/compare.sh    # small over 8 connections instead of 64
 #
 # Needs wrk and h2load (apt-get install wrk nghttp2-client); nginx and haproxy are compared
 # when installed (apt-get install nginx haproxy). Each proxy runs alone on CPU 1 with one
 # worker; the load generator and the upstream (nginx answering 100 bytes, or 1 MiB for
-# "big") share CPU 0. Scenarios: small (GET, 100-byte answer, 64 keep-alive connections),
+# "big") share CPU 0. Scenarios: small (GET, 100-byte answer, $CONNECTIONS keep-alive
+# connections, 64 by default),
 # big (1 MiB answers, 16 connections), churn (a new connection per request, 16 at once),
 # h2 (h2c in, HTTP/1.1 out, 8 connections x 8 streams). Per proxy and scenario: requests/s,
-# p99 latency, the proxy's CPU time per request (user + system, from /proc) and its RSS at
-# the end of the run, with ratios to the best proxy. Everything stops by itself.
+# p99 latency, the proxy's CPU time per request (user + system, from /proc) and the user
+# part of it, and its RSS at the end of the run, with ratios to the best proxy. Everything
+# stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,8 @@ QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then ROUNDS=${ROUNDS:-1}; DUR=${DUR:-2}; else ROUNDS=${ROUNDS:-3}; DUR=${DUR:-5}; fi
 SCENARIOS=${SCENARIOS:-"small big churn h2"}
 PROXIES=${PROXIES:-"ours nginx haproxy"}
+CONNECTIONS=${CONNECTIONS:-64}
+[[ $CONNECTIONS =~ ^[1-9][0-9]{0,4}$ ]] || { echo "CONNECTIONS must be a number of connections, 1 to 99999" >&2; exit 1; }
 LOAD_CPU=${LOAD_CPU:-0}
 PROXY_CPU=${PROXY_CPU:-1}
 
@@ -170,12 +175,21 @@ EOF
 
 # A proxy's processes: itself and its children (nginx's worker).
 family() { echo "$1" $(pgrep -P "$1" || true); }
-cpu_ticks() { local t=0 p; for p in $(family "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+# "user system" clock ticks of a proxy's processes.
+cpu_ticks() {
+  local u=0 s=0 p pu ps
+  for p in $(family "$1"); do
+    read -r pu ps < <(awk '{print $14, $15}' "/proc/$p/stat")
+    u=$((u + pu)) s=$((s + ps))
+  done
+  echo "$u $s"
+}
 rss_kb() { local r=0 p; for p in $(family "$1"); do r=$((r + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $r; }
 
-# measure NAME SCENARIO: one run; appends "name scenario rps p99_ms cpu_us rss_kb" to results.
+# measure NAME SCENARIO: one run; appends "name scenario rps p99_ms cpu_us user_us rss_kb"
+# to results.
 measure() {
-  local name=$1 scenario=$2 port url out ticks0 ticks1 n rps p99 hz
+  local name=$1 scenario=$2 port url out user0 sys0 user1 sys1 n rps p99 hz
   port=$(free_port)
   # nginx and haproxy serve h2c on port and HTTP/1.1 on port+1; ours takes both on one.
   start_proxy "$name" "$port"
@@ -184,14 +198,14 @@ measure() {
   [[ $name != ours ]] && { h1=$((port + 1)); wait_port "$h1"; }
   url="http://127.0.0.1:$h1/"
   hz=$(getconf CLK_TCK)
-  ticks0=$(cpu_ticks "$PROXY_PID")
+  read -r user0 sys0 < <(cpu_ticks "$PROXY_PID")
   case $scenario in
-    small) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${DUR}s" --latency "$url") ;;
+    small) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DUR}s" --latency "$url") ;;
     big) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c16 -d"${DUR}s" --latency "${url}big") ;;
     churn) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c16 -d"${DUR}s" --latency -H "Connection: close" "$url") ;;
     h2) out=$(taskset -c "$LOAD_CPU" h2load -c8 -m8 -D"$DUR" "http://127.0.0.1:$port/") ;;
   esac
-  ticks1=$(cpu_ticks "$PROXY_PID")
+  read -r user1 sys1 < <(cpu_ticks "$PROXY_PID")
   local rss; rss=$(rss_kb "$PROXY_PID")
   if [[ $scenario == h2 ]]; then
     n=$(awk '/^requests:/ {print $8}' <<<"$out")
@@ -203,12 +217,13 @@ measure() {
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   fi
   kill "$PROXY_PID" 2>/dev/null; wait "$PROXY_PID" 2>/dev/null || true
-  local cpu_us
-  cpu_us=$(python3 -c "print(f'{($ticks1 - $ticks0) / $hz * 1e6 / max($n, 1):.1f}')")
-  echo "$name $scenario $rps $p99 $cpu_us $rss" >> "$WORK/results"
+  local cpu_us user_us
+  cpu_us=$(python3 -c "print(f'{($user1 + $sys1 - $user0 - $sys0) / $hz * 1e6 / max($n, 1):.1f}')")
+  user_us=$(python3 -c "print(f'{($user1 - $user0) / $hz * 1e6 / max($n, 1):.1f}')")
+  echo "$name $scenario $rps $p99 $cpu_us $user_us $rss" >> "$WORK/results"
 }
 
-echo "rounds: $ROUNDS x ${DUR}s; proxies: ${available[*]}; scenarios: $SCENARIOS" >&2
+echo "rounds: $ROUNDS x ${DUR}s; proxies: ${available[*]}; scenarios: $SCENARIOS (small over $CONNECTIONS connections)" >&2
 for round in $(seq 1 "$ROUNDS"); do
   # Rotate the order each round.
   order=("${available[@]:$(( (round - 1) % ${#available[@]} ))}" "${available[@]:0:$(( (round - 1) % ${#available[@]} ))}")
@@ -224,20 +239,20 @@ python3 - "$WORK/results" <<'PY'
 import statistics, sys, collections
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
-    name, scenario, rps, p99, cpu, rss = line.split()
+    name, scenario, rps, p99, cpu, user, rss = line.split()
     def ms(v):
         v = v.strip()
         for unit, f in (("us", 1e-3), ("ms", 1), ("s", 1e3)):
             if v.endswith(unit):
                 return float(v[: -len(unit)]) * f
         return float(v)
-    rows[(scenario, name)].append((float(rps), ms(p99), float(cpu), int(rss) / 1024))
-print("| scenario | proxy | req/s | p99 ms | CPU µs/req | CPU × best | RSS MB |")
-print("|---|---|---:|---:|---:|---:|---:|")
+    rows[(scenario, name)].append((float(rps), ms(p99), float(cpu), float(user), int(rss) / 1024))
+print("| scenario | proxy | req/s | p99 ms | CPU µs/req | CPU × best | of it user | RSS MB |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
 for scenario in dict.fromkeys(s for s, _ in rows):
     med = {n: [statistics.median(c) for c in zip(*v)] for (s, n), v in rows.items() if s == scenario}
     best_cpu = min(m[2] for m in med.values()) or 1
-    for name, (rps, p99, cpu, rss) in sorted(med.items(), key=lambda kv: kv[1][2]):
-        print(f"| {scenario} | {name} | {rps:,.0f} | {p99:.2f} | {cpu:.1f} | {cpu / best_cpu:.2f} | {rss:.1f} |")
+    for name, (rps, p99, cpu, user, rss) in sorted(med.items(), key=lambda kv: kv[1][2]):
+        print(f"| {scenario} | {name} | {rps:,.0f} | {p99:.2f} | {cpu:.1f} | {cpu / best_cpu:.2f} | {user:.1f} | {rss:.1f} |")
 print("\nMedians over rounds; h2's latency column is h2load's maximum (it reports no p99).")
 PY
