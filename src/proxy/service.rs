@@ -7,6 +7,7 @@ use super::inspect::{inspect, inspect_body, inspect_head, Head, Inspected};
 use super::path::{self, PathError};
 use super::pool::SendError;
 use super::record::Record;
+use super::replay::Replay;
 use super::route::{Route, RouteTable};
 use super::upgrade::{self, TunnelParts};
 use super::upstream::{Exchange, UpstreamBody};
@@ -16,9 +17,8 @@ use crate::identity::Rejection;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::server::conn::ClientConn;
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Incoming};
@@ -79,39 +79,6 @@ enum Kept<'a> {
     Decided(ProxyBody, bool),
     /// Small enough to keep, its share of `server.replay_memory` taken.
     Keep(Incoming, SemaphorePermit<'a>),
-}
-
-/// What is kept of a request so it can be sent once more with a fresh token.
-struct Replay<'a> {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-    /// Its share of `server.replay_memory`, given back with it (none for an empty body).
-    _budget: Option<SemaphorePermit<'a>>,
-}
-
-impl<'a> Replay<'a> {
-    /// Keeps the head of a request that has no body.
-    fn bodiless(parts: &http::request::Parts) -> Replay<'a> {
-        Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-            body: Bytes::new(),
-            _budget: None,
-        }
-    }
-
-    /// Makes the request again, carrying `token`.
-    fn request(&self, token: HeaderValue) -> Request<ProxyBody> {
-        let mut request = Request::new(ProxyBody::full(self.body.clone()));
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.headers_mut() = self.headers.clone();
-        request.headers_mut().insert(header::AUTHORIZATION, token);
-        request
-    }
 }
 
 impl Proxy {
@@ -444,11 +411,7 @@ impl Proxy {
             None => ProxyError::ClientBody(error),
         })?
         .to_bytes();
-        let replay = Replay {
-            body: kept.clone(),
-            _budget: Some(budget),
-            ..Replay::bodiless(parts)
-        };
+        let replay = Replay::with_body(parts, kept.clone(), budget);
         Ok((ProxyBody::full(kept), Some(replay)))
     }
 
@@ -527,7 +490,10 @@ impl Proxy {
         client: &ProxyService,
         error: hyper::Error,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let Some(kept) = replay.filter(|r| r.method.is_idempotent()) else {
+        let Some(request) = replay
+            .filter(|r| r.is_idempotent())
+            .and_then(|r| r.request(sent.clone()))
+        else {
             return Err(ProxyError::UpstreamDropped(error));
         };
         tracing::debug!(
@@ -535,7 +501,6 @@ impl Proxy {
             "the upstream closed a reused connection under a request; sending it once more"
         );
         route.metrics.upstream_resent();
-        let request = kept.request(sent.clone());
         self.forward(route, request, client, true).await
     }
 
@@ -560,10 +525,12 @@ impl Proxy {
             Ok(fresh) if fresh != sent => fresh,
             _ => return Ok((original, ReplayOutcome::NoToken)),
         };
+        let Some(request) = replay.request(fresh.clone()) else {
+            return Ok((original, ReplayOutcome::NotKept));
+        };
         if let ProxyBody::Upstream(body) = original.into_body() {
             body.discard();
         }
-        let request = replay.request(fresh.clone());
         tracing::debug!(route = %route.name, "replaying a refused request with a fresh token");
         match inspect(self.forward(route, request, client, false).await?).await? {
             Inspected::Pass(response) => Ok((response, ReplayOutcome::Ok)),

@@ -12,12 +12,15 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
+
+/// How many of the last requests are kept for tests to look at.
+const RECENT: usize = 8;
 
 /// How long a fetched signing key is trusted before the JWKS is fetched again, as in Mosaic.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(600);
@@ -50,7 +53,8 @@ struct State {
     keys: Mutex<HashMap<String, (VerifyingKey, Instant)>>,
     counters: Counters,
     connections: Arc<super::Connections>,
-    last: Mutex<Option<Seen>>,
+    /// The last requests seen, oldest first.
+    recent: Mutex<VecDeque<Seen>>,
     /// Requests received; watched by answers held until enough have arrived.
     requests: tokio::sync::watch::Sender<u64>,
     /// Answers wait until this many requests have arrived.
@@ -89,7 +93,18 @@ impl UpstreamHandle {
 
     /// Returns the last request seen.
     pub fn last(&self) -> Option<Seen> {
-        self.0.last.lock().expect("last lock").clone()
+        self.0.recent.lock().expect("recent lock").back().cloned()
+    }
+
+    /// Returns the last requests seen (up to 8), oldest first.
+    pub fn recent(&self) -> Vec<Seen> {
+        self.0
+            .recent
+            .lock()
+            .expect("recent lock")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Refuses the token of this `Authorization` value from now on, as expired.
@@ -143,7 +158,7 @@ impl MosaicUpstream {
                 keys: Mutex::default(),
                 counters: Counters::default(),
                 connections: Arc::default(),
-                last: Mutex::default(),
+                recent: Mutex::default(),
                 requests: tokio::sync::watch::Sender::new(0),
                 hold_until: AtomicU64::new(0),
             }),
@@ -242,7 +257,13 @@ async fn answer(
         headers: request.headers().clone(),
         verdict: verdict.clone(),
     };
-    *state.last.lock().expect("last lock") = Some(seen.clone());
+    {
+        let mut recent = state.recent.lock().expect("recent lock");
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(seen.clone());
+    }
     if seen.path.ends_with("/ws") {
         return Ok(websocket(&mut request, verdict));
     }

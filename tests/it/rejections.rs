@@ -49,6 +49,61 @@ async fn an_expired_token_refused_once_costs_one_refresh_and_one_replay_even_for
 }
 
 #[tokio::test]
+async fn a_replayed_request_is_the_refused_one_with_only_the_token_changed() {
+    let h = harness(StubSettings::default()).await;
+    let token = current_token(&h).await;
+    h.stubs.upstream.revoke(token.clone());
+    let body = r#"{"query":"mutation { importVideo(id: 7) { id } }"}"#;
+    let request = Request::post(h.proxy.url("/graphql/echo?op=import&x=1"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::ACCEPT, "application/graphql-response+json")
+        .header(header::USER_AGENT, "legacy-importer/2.1")
+        .header("x-trace", "one")
+        .header("x-request-id", "4f1c")
+        .header("x-trace", "two")
+        .header(
+            "x-note",
+            http::HeaderValue::from_bytes(b"caf\xe9\tend").unwrap(),
+        )
+        .body(
+            http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let reply = send(&client(), request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, body.as_bytes(), "the replay carried the body");
+
+    let recent = h.stubs.upstream.recent();
+    let [.., refused, replayed] = &recent[..] else {
+        panic!("the upstream saw {} requests", recent.len());
+    };
+    assert_eq!(refused.verdict, Err(ErrorCode::AccessTokenExpired));
+    assert!(replayed.verdict.is_ok(), "{:?}", replayed.verdict);
+    assert_eq!(refused.headers[header::AUTHORIZATION], token);
+    assert_ne!(replayed.headers[header::AUTHORIZATION], token);
+    assert_eq!(
+        (&replayed.method, &replayed.path, &replayed.query),
+        (&refused.method, &refused.path, &refused.query)
+    );
+    // Every other field, its values and their order as the upstream read them.
+    let fields = |seen: &mosaic_auth_proxy::stub::upstream::Seen| {
+        seen.headers
+            .iter()
+            .filter(|(name, _)| *name != header::AUTHORIZATION)
+            .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(fields(replayed), fields(refused));
+    let traces: Vec<_> = replayed.headers.get_all("x-trace").iter().collect();
+    assert_eq!(traces, ["one", "two"]);
+    assert_eq!(replayed.headers["x-note"].as_bytes(), b"caf\xe9\tend");
+    assert_eq!(replayed.headers[header::USER_AGENT], "legacy-importer/2.1");
+    assert!(replayed.headers.contains_key("x-forwarded-for"));
+}
+
+#[tokio::test]
 async fn a_late_rejection_of_an_old_token_keeps_the_newer_one() {
     let h = harness(StubSettings::default()).await;
     let old = current_token(&h).await;
