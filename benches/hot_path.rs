@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use mosaic_auth_proxy::config::ForwardingHeaders;
 use mosaic_auth_proxy::identity::refresh::RefreshPolicy;
 use mosaic_auth_proxy::identity::{Account, Grant, Token};
 use mosaic_auth_proxy::proxy::headers::{remove_hop_by_hop, ClientAddress};
@@ -97,7 +98,11 @@ fn profile_hot_spots(c: &mut Criterion) {
                 fresh
             },
             |mut headers| {
-                client.set_forwarding_headers(&mut headers, Some(host.clone()));
+                client.set_forwarding_headers(
+                    &mut headers,
+                    Some(host.clone()),
+                    ForwardingHeaders::ALL,
+                );
                 headers.insert(header::AUTHORIZATION, host.clone());
                 headers
             },
@@ -178,7 +183,7 @@ fn token_and_rewrite(c: &mut Criterion) {
                 remove_hop_by_hop(headers);
                 headers.remove(header::HOST);
                 headers.remove(header::AUTHORIZATION);
-                client.set_forwarding_headers(headers, Some(host.clone()));
+                client.set_forwarding_headers(headers, Some(host.clone()), ForwardingHeaders::ALL);
                 headers.insert(header::AUTHORIZATION, account.usable_header().unwrap());
             },
             criterion::BatchSize::SmallInput,

@@ -155,6 +155,8 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are extended, not replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The forwarding headers the proxy sets on every forwarded request.
+    pub forwarding_headers: ForwardingHeaders,
     /// How long an upgraded connection may carry no byte either way.
     pub tunnel_idle_timeout: Duration,
     /// Connections to an upstream at once, for routes that do not set their own.
@@ -489,5 +491,55 @@ impl Config {
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+}
+
+/// A set of the forwarding headers the proxy can set (`server.forwarding_headers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardingHeaders(u8);
+
+impl ForwardingHeaders {
+    /// The names, lowercase, in the order of their bits.
+    pub const NAMES: [&'static str; 5] = [
+        "x-forwarded-for",
+        "x-real-ip",
+        "forwarded",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ];
+    pub const X_FORWARDED_FOR: ForwardingHeaders = ForwardingHeaders(1);
+    pub const X_REAL_IP: ForwardingHeaders = ForwardingHeaders(1 << 1);
+    pub const FORWARDED: ForwardingHeaders = ForwardingHeaders(1 << 2);
+    pub const X_FORWARDED_PROTO: ForwardingHeaders = ForwardingHeaders(1 << 3);
+    pub const X_FORWARDED_HOST: ForwardingHeaders = ForwardingHeaders(1 << 4);
+    /// All five: the default.
+    pub const ALL: ForwardingHeaders = ForwardingHeaders(0b1_1111);
+    pub const NONE: ForwardingHeaders = ForwardingHeaders(0);
+
+    /// The header called `name` (any case), if it is one of the five.
+    pub fn named(name: &str) -> Option<ForwardingHeaders> {
+        let i = Self::NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name.trim()))?;
+        Some(ForwardingHeaders(1 << i))
+    }
+
+    /// This set with `other`'s headers too.
+    pub fn with(self, other: ForwardingHeaders) -> ForwardingHeaders {
+        ForwardingHeaders(self.0 | other.0)
+    }
+
+    /// Whether every header of `other` is in this set.
+    pub fn contains(self, other: ForwardingHeaders) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// How many headers the set holds.
+    pub fn len(self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 }

@@ -6,11 +6,11 @@ use super::{
     DEFAULT_TLS_RELOAD, DEFAULT_UPSTREAM_MAX_CONNECTIONS, MAX_WORKERS,
 };
 use super::{
-    AccessRules, ConnectionLimits, ListenAddress, ListenerConfig, DEFAULT_BODY_TIMEOUT,
-    DEFAULT_H2_CONNECTION_WINDOW, DEFAULT_H2_MAX_CONCURRENT_STREAMS, DEFAULT_H2_STREAM_WINDOW,
-    DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS, DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_URI_BYTES, DEFAULT_REPLAY_MEMORY, DEFAULT_TUNNEL_IDLE_TIMEOUT,
-    DEFAULT_WRITE_TIMEOUT,
+    AccessRules, ConnectionLimits, ForwardingHeaders, ListenAddress, ListenerConfig,
+    DEFAULT_BODY_TIMEOUT, DEFAULT_H2_CONNECTION_WINDOW, DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+    DEFAULT_H2_STREAM_WINDOW, DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_URI_BYTES, DEFAULT_REPLAY_MEMORY,
+    DEFAULT_TUNNEL_IDLE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
 };
 use super::{
     AccountConfig, ConfigError, EnvLookup, IdentityConfig, RouteConfig, SecretSource, ServerConfig,
@@ -135,6 +135,7 @@ pub(super) fn parse_server(
             "min_body_rate",
             "max_uri_bytes",
             "trusted_proxies",
+            "forwarding_headers",
             "tunnel_idle_timeout",
             "max_connections",
             "header_timeout",
@@ -213,6 +214,26 @@ pub(super) fn parse_server(
             }
         })
         .collect();
+    let forwarding_headers = match s.string_list("forwarding_headers") {
+        None => ForwardingHeaders::ALL,
+        Some(names) => names
+            .into_iter()
+            .fold(
+                ForwardingHeaders::NONE,
+                |set, name| match ForwardingHeaders::named(name) {
+                    Some(header) => set.with(header),
+                    None => {
+                        s.error(
+                            "forwarding_headers",
+                            format!("{name:?} is not a forwarding header the proxy sets"),
+                            "list some of \"x-forwarded-for\", \"x-real-ip\", \"forwarded\", \
+                         \"x-forwarded-proto\" and \"x-forwarded-host\", or [] for none",
+                        );
+                        set
+                    }
+                },
+            ),
+    };
     let tls = parse_listener_tls(&mut s, warnings);
     let config = ServerConfig {
         listen,
@@ -237,6 +258,7 @@ pub(super) fn parse_server(
         max_uri_bytes: s.integer("max_uri_bytes", DEFAULT_MAX_URI_BYTES as u64, (256, 65_534))
             as usize,
         trusted_proxies,
+        forwarding_headers,
         tunnel_idle_timeout: s.duration("tunnel_idle_timeout", DEFAULT_TUNNEL_IDLE_TIMEOUT),
         tls,
         tls_reload: s.duration("tls_reload", DEFAULT_TLS_RELOAD),

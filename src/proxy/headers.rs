@@ -1,5 +1,6 @@
 //! Header and query rewriting between client and upstream.
 
+use crate::config::ForwardingHeaders;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
@@ -94,8 +95,6 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-/// The headers a forwarded request gains: the five forwarding ones and `Authorization`.
-const ADDED_HEADERS: usize = 6;
 
 /// The client of a connection as the forwarding headers name it, made once per connection.
 #[derive(Clone, Debug)]
@@ -139,33 +138,64 @@ impl ClientAddress {
         }
     }
 
-    /// Sets the forwarding headers of a request from this client to `host`: the client's own
-    /// are replaced, or, from a trusted proxy, extended. Makes room for the token as well.
-    pub fn set_forwarding_headers(&self, headers: &mut HeaderMap, host: Option<HeaderValue>) {
+    /// Sets the forwarding headers in `set` of a request from this client to `host`: the
+    /// client's own are replaced, or, from a trusted proxy, extended. An untrusted client's
+    /// own forwarding headers never pass: those not in `set` are removed. Makes room for the
+    /// token as well.
+    pub fn set_forwarding_headers(
+        &self,
+        headers: &mut HeaderMap,
+        host: Option<HeaderValue>,
+        set: ForwardingHeaders,
+    ) {
         // Room for every added header at once: a new connection's first map is only as large
         // as its request, and would grow (a reallocation and a rehash) several times.
-        headers.reserve(ADDED_HEADERS);
+        headers.reserve(set.len() + 1);
+        let sets = |header| set.contains(header);
         if !self.trusted {
-            headers.insert(X_FORWARDED_FOR, self.ip_value.clone());
-            headers.insert(X_REAL_IP, self.ip_value.clone());
-            headers.insert(header::FORWARDED, self.forwarded.clone());
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-            match host {
-                Some(host) => headers.insert(X_FORWARDED_HOST, host),
-                None => headers.remove(X_FORWARDED_HOST),
-            };
+            let ip = || self.ip_value.clone();
+            put(
+                headers,
+                X_FORWARDED_FOR,
+                sets(ForwardingHeaders::X_FORWARDED_FOR).then(ip),
+            );
+            put(
+                headers,
+                X_REAL_IP,
+                sets(ForwardingHeaders::X_REAL_IP).then(ip),
+            );
+            let forwarded = || self.forwarded.clone();
+            put(
+                headers,
+                header::FORWARDED,
+                sets(ForwardingHeaders::FORWARDED).then(forwarded),
+            );
+            let proto = || HeaderValue::from_static("http");
+            put(
+                headers,
+                X_FORWARDED_PROTO,
+                sets(ForwardingHeaders::X_FORWARDED_PROTO).then(proto),
+            );
+            let host = host.filter(|_| sets(ForwardingHeaders::X_FORWARDED_HOST));
+            put(headers, X_FORWARDED_HOST, host);
             return;
         }
-        let xff = appended(headers, &X_FORWARDED_FOR, self.ip_value.as_bytes());
-        headers.insert(X_FORWARDED_FOR, xff);
-        let forwarded = appended(headers, &header::FORWARDED, self.forwarded.as_bytes());
-        headers.insert(header::FORWARDED, forwarded);
-        if !headers.contains_key(X_REAL_IP) {
+        // A trusted proxy's pass as they are, extended with this hop where the set says so.
+        if sets(ForwardingHeaders::X_FORWARDED_FOR) {
+            let xff = appended(headers, &X_FORWARDED_FOR, self.ip_value.as_bytes());
+            headers.insert(X_FORWARDED_FOR, xff);
+        }
+        if sets(ForwardingHeaders::FORWARDED) {
+            let forwarded = appended(headers, &header::FORWARDED, self.forwarded.as_bytes());
+            headers.insert(header::FORWARDED, forwarded);
+        }
+        if sets(ForwardingHeaders::X_REAL_IP) && !headers.contains_key(X_REAL_IP) {
             headers.insert(X_REAL_IP, self.ip_value.clone());
         }
-        if !headers.contains_key(X_FORWARDED_PROTO) {
+        if sets(ForwardingHeaders::X_FORWARDED_PROTO) && !headers.contains_key(X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         }
+        let host = host.filter(|_| sets(ForwardingHeaders::X_FORWARDED_HOST));
         if let (false, Some(host)) = (headers.contains_key(X_FORWARDED_HOST), host) {
             headers.insert(X_FORWARDED_HOST, host);
         }
@@ -175,6 +205,14 @@ impl ClientAddress {
     pub fn ip(&self) -> IpAddr {
         self.ip
     }
+}
+
+/// Sets `name` to `value`, or removes it.
+fn put(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
+    match value {
+        Some(value) => headers.insert(name, value),
+        None => headers.remove(name),
+    };
 }
 
 /// Writes `ip` in dotted decimal (what its `Display` writes, without the formatting machinery).
@@ -311,7 +349,11 @@ mod tests {
         h.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
         h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        client.set_forwarding_headers(&mut h, Some(HeaderValue::from_static("a.example")));
+        client.set_forwarding_headers(
+            &mut h,
+            Some(HeaderValue::from_static("a.example")),
+            ForwardingHeaders::ALL,
+        );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "127.0.0.2");
         assert_eq!(h["x-real-ip"], "127.0.0.2");
@@ -329,13 +371,54 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("192.0.2.2"));
         h.insert("forwarded", HeaderValue::from_static("for=192.0.2.1"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        client.set_forwarding_headers(&mut h, Some(HeaderValue::from_static("a.example")));
+        client.set_forwarding_headers(
+            &mut h,
+            Some(HeaderValue::from_static("a.example")),
+            ForwardingHeaders::ALL,
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 192.0.2.2, ::1");
         assert_eq!(h["forwarded"], "for=192.0.2.1, for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-real-ip"], "::1");
         let mapped = ClientAddress::new("::ffff:10.1.2.3".parse().unwrap(), &nets);
         assert!(mapped.trusted, "an IPv4-mapped address is judged as IPv4");
+    }
+
+    #[test]
+    fn headers_left_out_of_the_set_are_not_sent_and_an_untrusted_clients_own_are_removed() {
+        let spoofed = || {
+            let mut h = HeaderMap::new();
+            for name in ForwardingHeaders::NAMES {
+                h.insert(name, HeaderValue::from_static("10.6.6.6"));
+            }
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            h
+        };
+        let untrusted = ClientAddress::new("192.0.2.9".parse().unwrap(), &[]);
+        let host = || Some(HeaderValue::from_static("a.example"));
+        let mut h = spoofed();
+        untrusted.set_forwarding_headers(&mut h, host(), ForwardingHeaders::NONE);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+
+        let only = ForwardingHeaders::X_FORWARDED_FOR.with(ForwardingHeaders::X_FORWARDED_HOST);
+        let mut h = spoofed();
+        untrusted.set_forwarding_headers(&mut h, host(), only);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(h["x-forwarded-host"], "a.example");
+        for gone in ["x-real-ip", "forwarded", "x-forwarded-proto"] {
+            assert!(!h.contains_key(gone), "{gone} passed");
+        }
+
+        // A trusted proxy's pass untouched where the set leaves them out.
+        let nets = ["192.0.2.0/24".parse().unwrap()];
+        let trusted = ClientAddress::new("192.0.2.9".parse().unwrap(), &nets);
+        let mut h = spoofed();
+        trusted.set_forwarding_headers(&mut h, host(), ForwardingHeaders::X_FORWARDED_FOR);
+        assert_eq!(h["x-forwarded-for"], "10.6.6.6, 192.0.2.9");
+        assert_eq!(h["forwarded"], "10.6.6.6");
+        assert_eq!(h["x-real-ip"], "10.6.6.6");
+        assert_eq!(h.len(), 6);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::replay::Replay;
 use super::route::{Route, RouteTable};
 use super::upgrade::{self, TunnelParts};
 use super::upstream::{Exchange, UpstreamBody};
-use crate::config::ServerConfig;
+use crate::config::{ForwardingHeaders, ServerConfig};
 use crate::identity::stats::ReplayOutcome;
 use crate::identity::Rejection;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -46,6 +46,7 @@ pub struct Proxy {
     body_pace: BodyPace,
     max_uri_bytes: usize,
     trusted_proxies: Vec<IpNet>,
+    forwarding_headers: ForwardingHeaders,
     tunnel_idle_timeout: Duration,
     /// The series of requests no route took.
     unrouted: Arc<RouteMetrics>,
@@ -99,6 +100,7 @@ impl Proxy {
             },
             max_uri_bytes: server.max_uri_bytes,
             trusted_proxies: server.trusted_proxies.clone(),
+            forwarding_headers: server.forwarding_headers,
             tunnel_idle_timeout: server.tunnel_idle_timeout,
             unrouted: metrics.route(UNROUTED),
             access_log: server.access_log,
@@ -272,10 +274,11 @@ impl Proxy {
             let (mut parts, body) = request.into_parts();
             let asked = upgrade::requested(&parts.headers, &route.upgrades);
             rewrite(&mut parts, route, judged_path.as_deref())?;
-            client
-                .0
-                .address
-                .set_forwarding_headers(&mut parts.headers, forwarded_host);
+            client.0.address.set_forwarding_headers(
+                &mut parts.headers,
+                forwarded_host,
+                self.forwarding_headers,
+            );
             // The client's side of an upgrade never travels with the request; one that is not
             // allowed is dropped here, so hyper closes rather than hands the connection over.
             let on_upgrade = parts.extensions.remove::<OnUpgrade>();
@@ -362,9 +365,16 @@ impl Proxy {
                 request.headers(),
             )
             .map_err(ProxyError::Denied)?;
-        let forwarded_host = host_header
-            .cloned()
-            .or_else(|| client.authority_value(request.uri().authority()?));
+        let forwarded_host = if self
+            .forwarding_headers
+            .contains(ForwardingHeaders::X_FORWARDED_HOST)
+        {
+            host_header
+                .cloned()
+                .or_else(|| client.authority_value(request.uri().authority()?))
+        } else {
+            None
+        };
         Ok(Picked {
             route,
             judged_path: match judged.path {

@@ -289,6 +289,34 @@ fn trusted_proxies_take_networks_and_single_addresses() {
 }
 
 #[test]
+fn forwarding_headers_default_to_all_five_and_name_a_bad_one() {
+    use mosaic_auth_proxy::config::ForwardingHeaders;
+    let server = Config::parse(VALID, &env).unwrap().server;
+    assert_eq!(server.forwarding_headers, ForwardingHeaders::ALL);
+    let with = |list: &str| {
+        VALID.replace(
+            "[[routes]]",
+            &format!("[server]\nforwarding_headers = {list}\n[[routes]]"),
+        )
+    };
+    let server = Config::parse(&with("[]"), &env).unwrap().server;
+    assert_eq!(server.forwarding_headers, ForwardingHeaders::NONE);
+    let server = Config::parse(&with(r#"["X-Forwarded-For", "forwarded"]"#), &env)
+        .unwrap()
+        .server;
+    assert_eq!(
+        server.forwarding_headers,
+        ForwardingHeaders::X_FORWARDED_FOR.with(ForwardingHeaders::FORWARDED)
+    );
+    let e = errors(&with(r#"["x-forwarded-for", "x-client-ip"]"#));
+    let found: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(found, ["server.forwarding_headers"]);
+    let text = e.to_string();
+    assert!(text.contains("\"x-client-ip\""), "{text}");
+    assert!(text.contains("or [] for none"), "{text}");
+}
+
+#[test]
 fn upstream_and_cancel_budgets_have_defaults_and_named_errors() {
     let config = Config::parse(VALID, &env).unwrap();
     assert_eq!(config.server.upstream_max_connections, 256);

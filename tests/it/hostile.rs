@@ -700,6 +700,22 @@ async fn forwarding_headers_are_replaced_unless_the_client_is_a_trusted_proxy() 
     assert_eq!(seen["x-real-ip"], "10.9.9.9");
     assert_eq!(seen["forwarded"], "for=10.9.9.9, for=127.0.0.1;proto=http");
     assert_eq!(seen["x-forwarded-host"], "evil.example");
+
+    // Only what `server.forwarding_headers` lists is sent; an untrusted client's own never.
+    let some = proxy_with(
+        &stubs,
+        "forwarding_headers = [\"x-forwarded-for\", \"x-forwarded-proto\"]",
+        "",
+    )
+    .await;
+    let request = spoofed().uri(some.url("/whoami")).body(empty()).unwrap();
+    assert_eq!(send(&client(), request).await.status, StatusCode::OK);
+    let seen = stubs.upstream.last().unwrap().headers;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    for gone in ["x-real-ip", "forwarded", "x-forwarded-host"] {
+        assert!(!seen.contains_key(gone), "{gone} reached the upstream");
+    }
 }
 
 fn full(text: &'static str) -> TestBody {
