@@ -535,11 +535,7 @@ impl ForwardingHeaders {
     }
 
     /// How many headers the set holds.
-    pub fn len(self) -> usize {
+    pub(crate) fn len(self) -> usize {
         self.0.count_ones() as usize
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
     }
 }

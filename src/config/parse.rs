@@ -214,26 +214,21 @@ pub(super) fn parse_server(
             }
         })
         .collect();
-    let forwarding_headers = match s.string_list("forwarding_headers") {
-        None => ForwardingHeaders::ALL,
-        Some(names) => names
-            .into_iter()
-            .fold(
-                ForwardingHeaders::NONE,
-                |set, name| match ForwardingHeaders::named(name) {
-                    Some(header) => set.with(header),
-                    None => {
-                        s.error(
-                            "forwarding_headers",
-                            format!("{name:?} is not a forwarding header the proxy sets"),
-                            "list some of \"x-forwarded-for\", \"x-real-ip\", \"forwarded\", \
-                         \"x-forwarded-proto\" and \"x-forwarded-host\", or [] for none",
-                        );
-                        set
-                    }
-                },
-            ),
-    };
+    let mut forwarding_headers = ForwardingHeaders::ALL;
+    if let Some(names) = s.string_list("forwarding_headers") {
+        forwarding_headers = ForwardingHeaders::NONE;
+        for name in names {
+            match ForwardingHeaders::named(name) {
+                Some(header) => forwarding_headers = forwarding_headers.with(header),
+                None => s.error(
+                    "forwarding_headers",
+                    format!("{name:?} is not a forwarding header the proxy sets"),
+                    "list some of \"x-forwarded-for\", \"x-real-ip\", \"forwarded\", \
+                     \"x-forwarded-proto\" and \"x-forwarded-host\", or [] for none",
+                ),
+            }
+        }
+    }
     let tls = parse_listener_tls(&mut s, warnings);
     let config = ServerConfig {
         listen,
