@@ -524,6 +524,14 @@ impl ForwardingHeaders {
         Some(ForwardingHeaders(1 << i))
     }
 
+    /// The lowercase name of a set of one header.
+    pub const fn name(self) -> Option<&'static str> {
+        match self.0.count_ones() {
+            1 => Some(Self::NAMES[self.0.trailing_zeros() as usize]),
+            _ => None,
+        }
+    }
+
     /// This set with `other`'s headers too.
     pub fn with(self, other: ForwardingHeaders) -> ForwardingHeaders {
         ForwardingHeaders(self.0 | other.0)

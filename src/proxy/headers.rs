@@ -91,10 +91,19 @@ pub fn push_query_without_access_token(out: &mut String, query: &str) {
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+// The five, named where `server.forwarding_headers` names them.
+const X_FORWARDED_FOR: HeaderName = forwarding(ForwardingHeaders::X_FORWARDED_FOR);
+const X_REAL_IP: HeaderName = forwarding(ForwardingHeaders::X_REAL_IP);
+const FORWARDED: HeaderName = forwarding(ForwardingHeaders::FORWARDED);
+const X_FORWARDED_PROTO: HeaderName = forwarding(ForwardingHeaders::X_FORWARDED_PROTO);
+const X_FORWARDED_HOST: HeaderName = forwarding(ForwardingHeaders::X_FORWARDED_HOST);
+
+const fn forwarding(header: ForwardingHeaders) -> HeaderName {
+    match header.name() {
+        Some(name) => HeaderName::from_static(name),
+        None => panic!("one forwarding header"),
+    }
+}
 
 /// The client of a connection as the forwarding headers name it, made once per connection.
 #[derive(Clone, Debug)]
@@ -167,7 +176,7 @@ impl ClientAddress {
             let forwarded = || self.forwarded.clone();
             put(
                 headers,
-                header::FORWARDED,
+                FORWARDED,
                 sets(ForwardingHeaders::FORWARDED).then(forwarded),
             );
             let proto = || HeaderValue::from_static("http");
@@ -186,8 +195,8 @@ impl ClientAddress {
             headers.insert(X_FORWARDED_FOR, xff);
         }
         if sets(ForwardingHeaders::FORWARDED) {
-            let forwarded = appended(headers, &header::FORWARDED, self.forwarded.as_bytes());
-            headers.insert(header::FORWARDED, forwarded);
+            let forwarded = appended(headers, &FORWARDED, self.forwarded.as_bytes());
+            headers.insert(FORWARDED, forwarded);
         }
         if sets(ForwardingHeaders::X_REAL_IP) && !headers.contains_key(X_REAL_IP) {
             headers.insert(X_REAL_IP, self.ip_value.clone());
@@ -299,6 +308,23 @@ const REG_NAME: [bool; 256] = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_forwarding_header_is_set_under_the_name_the_configuration_takes() {
+        let set = [
+            (ForwardingHeaders::X_FORWARDED_FOR, X_FORWARDED_FOR),
+            (ForwardingHeaders::X_REAL_IP, X_REAL_IP),
+            (ForwardingHeaders::FORWARDED, FORWARDED),
+            (ForwardingHeaders::X_FORWARDED_PROTO, X_FORWARDED_PROTO),
+            (ForwardingHeaders::X_FORWARDED_HOST, X_FORWARDED_HOST),
+        ];
+        for (header, name) in set {
+            assert_eq!(ForwardingHeaders::named(name.as_str()), Some(header));
+        }
+        assert_eq!(FORWARDED, header::FORWARDED);
+        assert_eq!(ForwardingHeaders::ALL.name(), None);
+        assert_eq!(ForwardingHeaders::NONE.name(), None);
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
