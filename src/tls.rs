@@ -5,6 +5,7 @@ use rustls::crypto::ring;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -44,9 +45,14 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
-/// Adds every certificate of a PEM bundle to `roots`.
-fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), String> {
+/// Adds every certificate of a PEM bundle to `roots`, and to `digest`.
+fn add_ca_file(
+    roots: &mut RootCertStore,
+    path: &Path,
+    digest: &mut impl Hasher,
+) -> Result<(), String> {
     for cert in read_ca_file(path)? {
+        cert.as_ref().hash(digest);
         roots
             .add(cert)
             .map_err(|e| format!("holds a certificate rustls refuses: {e}"))?;
@@ -66,10 +72,22 @@ pub fn client_config_for(
     ca_file: Option<&Path>,
     upstream: &UpstreamTls,
 ) -> Result<ClientConfig, TlsError> {
+    client_tls(native_roots, ca_file, upstream).map(|(config, _)| config)
+}
+
+/// Like [`client_config_for`], with a digest of every certificate and key it read (the CA
+/// files, the system's roots, the client certificate and its key): configurations made
+/// from the same files with the same contents have the same digest.
+pub fn client_tls(
+    native_roots: bool,
+    ca_file: Option<&Path>,
+    upstream: &UpstreamTls,
+) -> Result<(ClientConfig, u64), TlsError> {
+    let mut digest = std::hash::DefaultHasher::new();
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for path in ca_file.into_iter().chain(upstream.ca_file.as_deref()) {
-        add_ca_file(&mut roots, path).map_err(|problem| TlsError::CaFile {
+        add_ca_file(&mut roots, path, &mut digest).map_err(|problem| TlsError::CaFile {
             path: path.display().to_string(),
             problem,
         })?;
@@ -78,6 +96,9 @@ pub fn client_config_for(
         let found = rustls_native_certs::load_native_certs();
         for error in &found.errors {
             tracing::warn!(%error, "a system root certificate could not be loaded");
+        }
+        for cert in &found.certs {
+            cert.as_ref().hash(&mut digest);
         }
         let (added, _ignored) = roots.add_parsable_certificates(found.certs);
         if added == 0 {
@@ -88,8 +109,8 @@ pub fn client_config_for(
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Versions)?
         .with_root_certificates(roots);
-    match &upstream.client_cert {
-        None => Ok(builder.with_no_client_auth()),
+    let config = match &upstream.client_cert {
+        None => builder.with_no_client_auth(),
         Some((cert_file, key_file)) => {
             let problem = |problem: String| TlsError::ClientCert {
                 path: cert_file.display().to_string(),
@@ -107,11 +128,16 @@ pub fn client_config_for(
                     problem: format!("no PEM private key: {e}"),
                 }
             })?;
+            for cert in &certs {
+                cert.as_ref().hash(&mut digest);
+            }
+            key.secret_der().hash(&mut digest);
             builder
                 .with_client_auth_cert(certs, key)
-                .map_err(|e| problem(format!("does not match its key: {e}")))
+                .map_err(|e| problem(format!("does not match its key: {e}")))?
         }
-    }
+    };
+    Ok((config, digest.finish()))
 }
 
 /// The listener's TLS: certificate chain and key, and optionally the CA that client
@@ -246,6 +272,48 @@ fn validity_warnings(cert: &CertificateDer<'_>, path: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digest_changes_with_the_contents_of_any_file_read_and_only_with_them() {
+        let dir = std::env::temp_dir().join(format!("map-tls-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (ca, _) = pem();
+        let (cert, key) = pem();
+        let files = ["ca.pem", "cert.pem", "key.pem"].map(|name| dir.join(name));
+        let write = |contents: [&str; 3]| {
+            for (file, text) in files.iter().zip(contents) {
+                std::fs::write(file, text).unwrap();
+            }
+        };
+        let upstream = UpstreamTls {
+            ca_file: None,
+            client_cert: Some((files[1].clone(), files[2].clone())),
+            server_name: None,
+        };
+        let digest = || client_tls(false, Some(&files[0]), &upstream).unwrap().1;
+
+        write([&ca, &cert, &key]);
+        let first = digest();
+        assert_eq!(digest(), first, "read twice, unchanged");
+        let (other_ca, _) = pem();
+        write([&format!("{ca}{other_ca}"), &cert, &key]);
+        let second = digest();
+        assert_ne!(second, first, "a CA added");
+        let (other_cert, other_key) = pem();
+        write([&format!("{ca}{other_ca}"), &other_cert, &other_key]);
+        assert_ne!(digest(), second, "a client certificate and key renewed");
+        write([&ca, &cert, &key]);
+        assert_eq!(digest(), first, "back as they were");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn a_client_certificate_matches_by_subject_dns_name_or_uri() {

@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::proxy::pool::{connector, Connector, Pool};
 use crate::proxy::upstream::Budgets;
 use crate::proxy::{Proxy, Route, RouteTable};
-use crate::tls::{client_config, client_config_for, UpstreamTls};
+use crate::tls::{client_config_for, client_tls, UpstreamTls};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,8 +31,9 @@ pub struct Generation {
     pub warnings: Vec<String>,
     budgets: Arc<Budgets>,
     pools: HashMap<PoolKey, Arc<Pool>>,
-    /// The pools kept from the generation before, and the connectors they take at the switch.
-    renewed: Vec<(Arc<Pool>, Connector)>,
+    /// The pools kept from the generation before, and the connectors they take at the switch
+    /// with the digest of the certificates each was made from.
+    renewed: Vec<(Arc<Pool>, Connector, u64)>,
     /// The identity client the kept one (`identity`) takes at the switch.
     renewed_identity: Option<IdentityClient>,
 }
@@ -112,11 +113,9 @@ impl Generation {
         // every connection, not only to those opened from now on.
         let same_tls = previous.filter(|p| p.config.tls == config.tls);
         let connect_timeout = config.server.connect_timeout;
-        let shared = connector(
-            client_config(config.tls.native_roots, global_ca)?,
-            None,
-            connect_timeout,
-        );
+        let (shared_tls, shared_material) =
+            client_tls(config.tls.native_roots, global_ca, &UpstreamTls::default())?;
+        let shared = connector(shared_tls, None, connect_timeout);
         // One pool per upstream, h2c or not, and TLS settings (the shared ones, or a route's).
         let mut pools: HashMap<PoolKey, Arc<Pool>> = HashMap::new();
         let mut renewed = Vec::new();
@@ -148,20 +147,26 @@ impl Generation {
             let pool = match pools.get(&key) {
                 Some(pool) => pool.clone(),
                 None => {
-                    let connector = match &r.tls {
-                        None => shared.clone(),
-                        Some(own) => connector(
-                            client_config_for(config.tls.native_roots, global_ca, own)?,
-                            own.server_name.as_deref(),
-                            connect_timeout,
-                        ),
+                    let (connector, material) = match &r.tls {
+                        None => (shared.clone(), shared_material),
+                        Some(own) => {
+                            let (tls, material) =
+                                client_tls(config.tls.native_roots, global_ca, own)?;
+                            let made = connector(tls, own.server_name.as_deref(), connect_timeout);
+                            (made, material)
+                        }
+                    };
+                    // Only `https://` connections are made with the certificates.
+                    let material = match r.upstream.scheme == http::uri::Scheme::HTTPS {
+                        true => material,
+                        false => 0,
                     };
                     let kept = same_tls
                         .and_then(|p| p.pools.get(&key))
                         .filter(|pool| Arc::ptr_eq(pool.budget(), &budget));
                     let pool = match kept {
                         Some(pool) => {
-                            renewed.push((pool.clone(), connector));
+                            renewed.push((pool.clone(), connector, material));
                             pool.clone()
                         }
                         None => Arc::new(Pool::new(
@@ -169,6 +174,7 @@ impl Generation {
                             r.upstream.authority.clone(),
                             r.h2c,
                             connector,
+                            material,
                             config.server.upstream_idle_timeout,
                             budget.clone(),
                             config.server.workers,
@@ -202,9 +208,9 @@ impl Generation {
     /// Hands each kept account the secret this configuration gives it (a changed secret is
     /// used for the next token request, at once; the token in use stays until then), the
     /// identity client and each kept pool what was made from the TLS files as they are now
-    /// (for the connections they open from then on), and has an account whose last token
-    /// request failed ask again at once. Until this, building the generation changed
-    /// nothing in use.
+    /// (a pool whose certificates changed stops reusing the connections made with the old
+    /// ones), and has an account whose last token request failed ask again at once. Until
+    /// this, building the generation changed nothing in use.
     pub fn settle(&self) {
         if let Some(fresh) = &self.renewed_identity {
             self.identity.renew(fresh);
@@ -214,8 +220,8 @@ impl Generation {
                 tracing::info!(account = %account.name(), "the last token request failed; asking again with the reloaded configuration");
             }
         }
-        for (pool, connector) in &self.renewed {
-            pool.renew_connector(connector.clone());
+        for (pool, connector, material) in &self.renewed {
+            pool.renew_connector(connector.clone(), *material);
         }
     }
 }

@@ -17,6 +17,10 @@
 //! connections (`Keep-Alive: timeout=5`, which Node services send), if that is shorter. A
 //! request written on a connection the upstream was closing just then may have reached it.
 //!
+//! A reload keeps a pool whose settings did not change, and hands it a connector made from
+//! the certificate files as they are then; if their contents changed, the connections made
+//! with the old ones are not reused.
+//!
 //! A request that a reused connection closed under before it was written is sent again on
 //! another connection. One that was written is not sent again here: the pool tells the
 //! caller, which may send an idempotent request once more ([`SendError::Dropped`]).
@@ -35,7 +39,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::ServerName;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -83,6 +87,11 @@ pub struct Pool {
     h2c: bool,
     /// Renewed by a reload that keeps the pool (files it read may have changed).
     connector: ArcSwap<Connector>,
+    /// A digest of the certificates and keys the connector was made from.
+    material: AtomicU64,
+    /// Counts the times the connector's certificates changed: a connection opened before
+    /// the last change is not reused. (It wraps after 65,536 changes, each a reload.)
+    era: AtomicU16,
     /// How long an idle connection is reused at most (`server.upstream_idle_timeout`).
     idle_timeout: Duration,
     /// The upstream's budget; a connection holds one of its places while it is open.
@@ -111,6 +120,8 @@ enum Conn {
         sender: http1::SendRequest<ProxyBody>,
         /// Its lease, if it has answered before (`None`: new, driven by this thread).
         kept: Option<Lease>,
+        /// The pool's era when it was opened.
+        era: u16,
     },
     H2 {
         sender: http2::SendRequest<ProxyBody>,
@@ -119,13 +130,16 @@ enum Conn {
 }
 
 impl Pool {
-    /// Makes the pool of `scheme://authority`, opening connections with `connector` within
-    /// `budget` and reusing idle ones for `idle_timeout` at most, for `workers` workers.
+    /// Makes the pool of `scheme://authority`, opening connections with `connector` (made
+    /// from certificates and keys of digest `material`) within `budget` and reusing idle ones
+    /// for `idle_timeout` at most, for `workers` workers.
+    #[allow(clippy::too_many_arguments)] // each is one setting of the upstream
     pub fn new(
         scheme: Scheme,
         authority: Authority,
         h2c: bool,
         connector: Connector,
+        material: u64,
         idle_timeout: Duration,
         budget: Arc<Budget>,
         workers: usize,
@@ -142,6 +156,8 @@ impl Pool {
             authority,
             h2c,
             connector: ArcSwap::from_pointee(connector),
+            material: AtomicU64::new(material),
+            era: AtomicU16::new(0),
             idle_timeout,
             budget,
             idle: (0..=workers).map(|_| Mutex::new(Vec::new())).collect(),
@@ -158,9 +174,22 @@ impl Pool {
     }
 
     /// Opens this pool's connections from now on with `connector` (a reload that keeps the
-    /// pool built it from the files as they are now); open connections stay.
-    pub fn renew_connector(&self, connector: Connector) {
+    /// pool built it from the files as they are now, of digest `material`). If the
+    /// certificates or keys changed, the connections opened before are not reused: idle ones
+    /// close now, busy ones when their answers end, an HTTP/2 one when its streams do.
+    pub fn renew_connector(&self, connector: Connector, material: u64) {
         self.connector.store(Arc::new(connector));
+        if self.material.swap(material, Ordering::AcqRel) == material {
+            return;
+        }
+        // After the connector: a connection opened in this era was opened with it.
+        self.era.fetch_add(1, Ordering::AcqRel);
+        for stack in &self.idle {
+            lock(stack).clear();
+        }
+        for h2 in &self.h2 {
+            *lock(h2) = None;
+        }
     }
 
     /// Sends `request` (origin-form target; `Host` set for HTTP/1.1) at `now` and waits for
@@ -200,7 +229,11 @@ impl Pool {
                     },
                 };
                 match conn {
-                    Conn::H1 { mut sender, kept } => {
+                    Conn::H1 {
+                        mut sender,
+                        kept,
+                        era,
+                    } => {
                         let reused = kept.is_some();
                         if let Err(error) = sender.ready().await {
                             // A reused connection may have closed meanwhile; a new one that
@@ -215,7 +248,7 @@ impl Pool {
                                 // Read once per connection: an upstream says the same each time. A
                                 // new connection's task runs on this thread, as this request does.
                                 let lease = kept.unwrap_or_else(|| {
-                                    Lease::new(self.keep_for(response.headers()), self.here())
+                                    Lease::new(self.keep_for(response.headers()), self.here(), era)
                                 });
                                 let pooled = Pooled {
                                     sender,
@@ -330,6 +363,7 @@ impl Pool {
             if now < entry.until && !entry.sender.is_closed() {
                 return Some(Conn::H1 {
                     sender: entry.sender,
+                    era: entry.lease.era,
                     kept: Some(entry.lease),
                 });
             }
@@ -343,11 +377,17 @@ impl Pool {
         if keep_for.is_zero() || sender.is_closed() {
             return;
         }
-        lock(&self.idle[home]).push(Idle {
+        let mut idle = lock(&self.idle[home]);
+        // Under the lock: a change of certificates empties the stack after its new era.
+        if lease.era != self.era.load(Ordering::Acquire) {
+            return;
+        }
+        idle.push(Idle {
             sender,
             lease,
             until: Instant::now() + keep_for,
         });
+        drop(idle);
         self.returned.notify_one();
         // Read first: a swap on every request would write the shared line each time.
         if !self.reaping.load(Ordering::Relaxed) && !self.reaping.swap(true, Ordering::Relaxed) {
@@ -395,6 +435,8 @@ impl Pool {
     }
 
     async fn connect(&self, place: OwnedSemaphorePermit) -> Result<Conn, SendError> {
+        // Before the connector: a renewal stores the connector first.
+        let era = self.era.load(Ordering::Acquire);
         let io = Connector::clone(&self.connector.load())
             .call(self.target.clone())
             .await
@@ -412,7 +454,12 @@ impl Pool {
                     tracing::debug!(%error, "an upstream HTTP/2 connection ended");
                 }
             });
-            *lock(&self.h2[self.here()]) = Some(sender.clone());
+            // Shared only if the certificates did not change meanwhile.
+            let mut shared = lock(&self.h2[self.here()]);
+            if era == self.era.load(Ordering::Acquire) {
+                *shared = Some(sender.clone());
+            }
+            drop(shared);
             Ok(Conn::H2 {
                 sender,
                 reused: false,
@@ -427,7 +474,11 @@ impl Pool {
                     tracing::debug!(%error, "an upstream connection ended");
                 }
             });
-            Ok(Conn::H1 { sender, kept: None })
+            Ok(Conn::H1 {
+                sender,
+                kept: None,
+                era,
+            })
         }
     }
 
@@ -480,20 +531,23 @@ impl Pooled {
     }
 }
 
-/// How long a connection may be reused once idle, and the stack it goes back to: in eight
-/// bytes, since it travels inside every answer's body, which a request moves several times.
+/// How long a connection may be reused once idle, the stack it goes back to and the pool's
+/// era it was opened in: in eight bytes, since it travels inside every answer's body, which
+/// a request moves several times.
 #[derive(Clone, Copy)]
 struct Lease {
     keep_for_ms: u32,
     home: u16,
+    era: u16,
 }
 
 impl Lease {
-    fn new(keep_for: Duration, home: usize) -> Lease {
+    fn new(keep_for: Duration, home: usize, era: u16) -> Lease {
         Lease {
             keep_for_ms: u32::try_from(keep_for.as_millis()).unwrap_or(u32::MAX),
             // At most `server.workers` (256) plus one.
             home: u16::try_from(home).unwrap_or(u16::MAX),
+            era,
         }
     }
 
@@ -626,6 +680,19 @@ mod tests {
         .await
     }
 
+    /// An upstream speaking h2c that answers `ok`, and the count of connections it accepted.
+    async fn h2c_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        counting_listener(|tcp| async move {
+            let service = hyper::service::service_fn(|_| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(ProxyBody::full("ok")))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        })
+        .await
+    }
+
     fn idle_count(pool: &Pool) -> usize {
         pool.idle.iter().map(|stack| lock(stack).len()).sum()
     }
@@ -668,6 +735,7 @@ mod tests {
                 None,
                 Duration::from_secs(1),
             ),
+            0,
             idle_timeout,
             budget,
             workers,
@@ -769,15 +837,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_worker_has_an_http2_connection_of_its_own() {
-        let (addr, accepted) = counting_listener(|tcp| async move {
-            let service = hyper::service::service_fn(|_| async {
-                Ok::<_, std::convert::Infallible>(http::Response::new(ProxyBody::full("ok")))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                .await;
-        })
-        .await;
+        let (addr, accepted) = h2c_upstream().await;
         let pool = pool_speaking(addr, true, IDLE, 4, 2);
         let (first, _stop_first) = thread_as(Some(0));
         let (second, _stop_second) = thread_as(Some(1));
@@ -788,6 +848,53 @@ mod tests {
         get_on(&second, &pool).await;
         get_on(&first, &pool).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    fn renew(pool: &Pool, material: u64) {
+        let tls = crate::tls::client_config(false, None).unwrap();
+        pool.renew_connector(connector(tls, None, Duration::from_secs(1)), material);
+    }
+
+    #[tokio::test]
+    async fn connections_opened_before_the_certificates_changed_are_not_reused() {
+        let (addr, accepted) = upstream(None).await;
+        let pool = pool_for(addr);
+        let opened = || accepted.load(Ordering::SeqCst);
+        get(&pool).await.unwrap().give_back();
+        let busy = get(&pool).await.unwrap();
+        assert_eq!(opened(), 1);
+
+        // Renewed from the same certificates: the connections stay.
+        renew(&pool, 0);
+        busy.give_back();
+        assert_eq!(idle_count(&pool), 1);
+        let busy = get(&pool).await.unwrap();
+        get(&pool).await.unwrap().give_back();
+        assert_eq!((opened(), idle_count(&pool)), (2, 1));
+
+        // Renewed from others: the idle one closes now, the busy one when it is given back.
+        renew(&pool, 7);
+        assert_eq!(idle_count(&pool), 0);
+        busy.give_back();
+        assert_eq!(idle_count(&pool), 0);
+        get(&pool).await.unwrap().give_back();
+        get(&pool).await.unwrap().give_back();
+        assert_eq!((opened(), idle_count(&pool)), (3, 1));
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_opened_before_the_certificates_changed_is_not_reused() {
+        let (addr, accepted) = h2c_upstream().await;
+        let pool = pool_speaking(addr, true, IDLE, 4, 1);
+        let opened = || accepted.load(Ordering::SeqCst);
+        get(&pool).await;
+        renew(&pool, 0);
+        get(&pool).await;
+        assert_eq!(opened(), 1);
+        renew(&pool, 7);
+        get(&pool).await;
+        get(&pool).await;
+        assert_eq!(opened(), 2);
     }
 
     #[tokio::test]

@@ -244,6 +244,7 @@ mod tests {
                 None,
                 std::time::Duration::from_secs(1),
             ),
+            0,
             crate::config::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             budgets.clone(),
             1,

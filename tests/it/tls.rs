@@ -7,11 +7,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mosaic_auth_proxy::stub::StubSettings;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// A TLS upstream on loopback whose certificate a fresh CA signed; answers with the HTTP
-/// version and the `Authorization` it saw. Returns its address and the CA's PEM.
-async fn tls_upstream() -> (std::net::SocketAddr, String) {
+/// version and the `Authorization` it saw. Returns its address, the CA's PEM and the count of
+/// connections it accepted.
+async fn tls_upstream() -> (std::net::SocketAddr, String, Arc<AtomicUsize>) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
@@ -32,7 +34,11 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
         .unwrap();
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let addr = tls_server(acceptor, |tls| async move {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let addr = tls_server(acceptor, move |tls| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
         let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
             let auth = req
                 .headers()
@@ -49,15 +55,16 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(tls), service)
             .await;
+        }
     })
     .await;
-    (addr, ca.pem())
+    (addr, ca.pem(), accepted)
 }
 
 #[tokio::test]
 async fn https_upstreams_are_verified_against_the_configured_ca_and_spoken_to_over_http2() {
     let stubs = Stubs::start(StubSettings::default()).await;
-    let (addr, ca_pem) = tls_upstream().await;
+    let (addr, ca_pem, _) = tls_upstream().await;
     let dir = std::env::temp_dir().join(format!("map-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_file = dir.join("ca.pem");
@@ -89,14 +96,14 @@ async fn https_upstreams_are_verified_against_the_configured_ca_and_spoken_to_ov
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[tokio::test]
-async fn a_reload_that_keeps_a_pool_opens_its_next_connections_with_the_ca_file_as_it_is_then() {
-    let stubs = Stubs::start(StubSettings::default()).await;
-    let (addr, ca_pem) = tls_upstream().await;
-    let (_, other_ca_pem) = tls_upstream().await;
-    let dir = crate::operations::tempdir();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, other_ca_pem).unwrap();
+/// A proxy started from a file that routes `/secure` to the TLS upstream at `addr`, trusting
+/// `[tls] ca_file` `ca_file`.
+async fn proxy_trusting_file(
+    stubs: &Stubs,
+    addr: std::net::SocketAddr,
+    ca_file: &std::path::Path,
+) -> TestProxy {
+    let dir = ca_file.parent().unwrap();
     let route = format!(
         "[[routes]]\npath_prefix = \"/secure\"\nupstream = \"https://localhost:{}\"\naccount = \"main\"\n",
         addr.port()
@@ -106,25 +113,70 @@ async fn a_reload_that_keeps_a_pool_opens_its_next_connections_with_the_ca_file_
     let file = dir.join("proxy.toml");
     let config = format!(
         "{}\n[tls]\nca_file = {:?}\n",
-        stubs.config("", &route).replace(
+        // One worker: each has an upstream connection of its own.
+        stubs.config_with_server("workers = 1", "", &route).replace(
             "client_secret_env = \"CLIENT_SECRET\"",
             &format!("client_secret_file = {:?}", secret.display().to_string())
         ),
         ca_file.display().to_string()
     );
     std::fs::write(&file, config).unwrap();
-    let proxy = TestProxy::start_file(&file).await.ready().await;
-    let reply = get(&proxy.url("/secure/x")).await;
-    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    TestProxy::start_file(&file).await.ready().await
+}
 
-    // The same configuration, the CA file replaced by the one that signed the upstream.
-    std::fs::write(&ca_file, ca_pem).unwrap();
+async fn reload(proxy: &TestProxy) {
     let reload = Request::post(format!("http://{}/reload", proxy.admin))
         .body(empty())
         .unwrap();
     let reply = send(&client(), reload).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+}
+
+#[tokio::test]
+async fn a_reload_that_keeps_a_pool_opens_its_next_connections_with_the_ca_file_as_it_is_then() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let (addr, ca_pem, _) = tls_upstream().await;
+    let (_, other_ca_pem, _) = tls_upstream().await;
+    let dir = crate::operations::tempdir();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, other_ca_pem).unwrap();
+    let proxy = proxy_trusting_file(&stubs, addr, &ca_file).await;
+    let reply = get(&proxy.url("/secure/x")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+
+    // The same configuration, the CA file replaced by the one that signed the upstream.
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    reload(&proxy).await;
     let reply = get(&proxy.url("/secure/x")).await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(reply.json()["data"]["bearer"], true);
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_upstream_connection_until_the_certificates_change() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let (addr, ca_pem, accepted) = tls_upstream().await;
+    let (_, other_ca_pem, _) = tls_upstream().await;
+    let dir = crate::operations::tempdir();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let proxy = proxy_trusting_file(&stubs, addr, &ca_file).await;
+    let secure = proxy.url("/secure/x");
+    assert_eq!(get(&secure).await.status, StatusCode::OK);
+    reload(&proxy).await;
+    assert_eq!(get(&secure).await.status, StatusCode::OK);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the files did not change"
+    );
+
+    // Another CA beside the upstream's: still trusted, but not what the connection was
+    // verified against.
+    std::fs::write(&ca_file, format!("{ca_pem}{other_ca_pem}")).unwrap();
+    reload(&proxy).await;
+    for _ in 0..3 {
+        assert_eq!(get(&secure).await.status, StatusCode::OK);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
