@@ -348,6 +348,7 @@ fn compare(old: &Generation, next: &Generation) -> ReloadReport {
             o.shutdown_grace != n.shutdown_grace,
         ),
         ("server.workers", o.workers != n.workers),
+        ("server.defer_accept", o.defer_accept != n.defer_accept),
         ("[listeners]", old.config.listeners != next.config.listeners),
     ];
     for (what, changed) in restart_only {

@@ -135,7 +135,7 @@ impl App {
         for listener in &config.listeners {
             extra.push(ExtraListener {
                 name: listener.name.clone(),
-                sockets: bind_listener(&listener.address, config.server.workers)?,
+                sockets: bind_listener(&listener.address, &config.server)?,
                 address: listener.address.clone(),
                 tls: serving_tls(listener.tls.as_ref(), every)?,
             });
@@ -150,7 +150,12 @@ impl App {
             addr: config.server.listen,
             source,
         };
-        let listeners = worker::bind(config.server.listen, config.server.workers).map_err(bound)?;
+        let listeners = worker::bind(
+            config.server.listen,
+            config.server.workers,
+            config.server.defer_accept,
+        )
+        .map_err(bound)?;
         let local_addr = listeners[0].local_addr().map_err(bound)?;
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr)?),
@@ -473,15 +478,22 @@ fn serving_tls(
     }))
 }
 
-/// Binds a further listener for `workers` workers: a TCP address (a socket each, with
-/// `SO_REUSEPORT`), or a Unix socket created with its file mode (a socket file left by an
-/// earlier run is replaced), which every worker accepts from.
-fn bind_listener(address: &ListenAddress, workers: usize) -> Result<Vec<Bound>, StartError> {
+/// Binds a further listener for `server.workers` workers: a TCP address (a socket each, with
+/// `SO_REUSEPORT`, accepts deferred as `server.defer_accept` says), or a Unix socket created
+/// with its file mode (a socket file left by an earlier run is replaced), which every
+/// worker accepts from.
+fn bind_listener(
+    address: &ListenAddress,
+    server: &crate::config::ServerConfig,
+) -> Result<Vec<Bound>, StartError> {
+    let workers = server.workers;
     match address {
         ListenAddress::Tcp(addr) => {
-            let sockets = worker::bind(*addr, workers).map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
+            let sockets = worker::bind(*addr, workers, server.defer_accept).map_err(|source| {
+                StartError::Bind {
+                    addr: *addr,
+                    source,
+                }
             })?;
             Ok(sockets.into_iter().map(Bound::Tcp).collect())
         }

@@ -171,6 +171,8 @@ pub struct ServerConfig {
     pub access_log: bool,
     /// Threads serving the main listener, each with its own runtime and socket.
     pub workers: usize,
+    /// Accept a TCP connection only once its first bytes arrived (`TCP_DEFER_ACCEPT`).
+    pub defer_accept: bool,
 }
 
 /// The bounds on what one client connection may hold, and on how many there are.

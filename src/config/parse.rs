@@ -156,6 +156,7 @@ pub(super) fn parse_server(
             "tls_reload",
             "access_log",
             "workers",
+            "defer_accept",
         ],
     );
     let listen = s
@@ -258,6 +259,7 @@ pub(super) fn parse_server(
         tls,
         tls_reload: s.duration("tls_reload", DEFAULT_TLS_RELOAD),
         access_log: s.bool("access_log", false),
+        defer_accept: s.bool("defer_accept", false),
         workers: s.integer("workers", default_workers() as u64, (1, MAX_WORKERS)) as usize,
         upstream_max_connections: s.integer(
             "upstream_max_connections",

@@ -70,6 +70,42 @@ pub fn listen_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     Ok(socket)
 }
 
+/// Has the kernel hand over a listening socket's connections only once their first bytes
+/// have arrived, or after about `seconds` without them (`TCP_DEFER_ACCEPT`; Linux only). A
+/// client speaks first in every protocol the proxy serves, so a connection is then accepted
+/// with its request at hand: no read that finds nothing, no wait for the next event. One
+/// that connects and says nothing waits in the kernel, not in the proxy, until then.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // no safe API sets this option (std's is unstable, socket2 has none)
+pub fn defer_accept(socket: &TcpSocket, seconds: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is a socket open for the length of the call, and the kernel
+    // reads the option's value, a `c_int`, through a pointer and a length that describe it.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    match set {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// `TCP_DEFER_ACCEPT` is Linux's: elsewhere a listener asked for it does not start.
+#[cfg(not(target_os = "linux"))]
+pub fn defer_accept(_socket: &TcpSocket, _seconds: u32) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "server.defer_accept needs Linux's TCP_DEFER_ACCEPT",
+    ))
+}
+
 /// A TCP listener on `addr` (no `SO_REUSEPORT`: the admin and further listeners).
 pub fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = listen_socket(addr)?;
@@ -171,7 +207,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_have_nodelay_set() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let workers = crate::server::worker::bind(addr, 1).unwrap();
+        let workers = crate::server::worker::bind(addr, 1, false).unwrap();
         let further = tcp_listener(addr).unwrap().into_std().unwrap();
         for listener in workers.into_iter().chain([further]) {
             let bound = listener.local_addr().unwrap();

@@ -5,12 +5,17 @@
 //! leaves the thread that accepted it (no work stealing). The upstream connection pools are
 //! shared, and keep each worker's idle connections apart ([`current`]).
 
-use super::transport::{listen_socket, BACKLOG};
+use super::transport::{defer_accept, listen_socket, BACKLOG};
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::time::Instant;
+
+/// How long a connection that sends nothing waits in the kernel before it is accepted all
+/// the same (with `server.defer_accept`); `server.header_timeout` bounds it from then. One
+/// second, as nginx's `deferred`.
+const DEFER_ACCEPT_SECONDS: u32 = 1;
 
 thread_local! {
     /// The index of the worker this thread is, if it is one.
@@ -29,13 +34,21 @@ pub(crate) fn enter(index: usize) {
 }
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT` (port 0: the port the first one
-/// got), for the workers to serve; they are registered with a runtime only in their worker.
-/// Called within a runtime.
-pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+/// got), for the workers to serve, deferring each accept to the connection's first bytes
+/// if `defer` (`server.defer_accept`); they are registered with a runtime only in their
+/// worker. Called within a runtime.
+pub fn bind(
+    addr: SocketAddr,
+    count: usize,
+    defer: bool,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut addr = addr;
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
         let socket = listen_socket(addr)?;
+        if defer {
+            defer_accept(&socket, DEFER_ACCEPT_SECONDS)?;
+        }
         socket.set_reuseport(true)?;
         socket.bind(addr)?;
         addr = socket.local_addr()?;

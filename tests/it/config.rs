@@ -317,6 +317,26 @@ fn forwarding_headers_default_to_all_five_and_name_a_bad_one() {
 }
 
 #[test]
+fn defer_accept_is_off_unless_set_and_a_bad_value_names_the_key() {
+    assert!(!Config::parse(VALID, &env).unwrap().server.defer_accept);
+    let with = |value: &str| {
+        VALID.replace(
+            "[[routes]]",
+            &format!("[server]\ndefer_accept = {value}\n[[routes]]"),
+        )
+    };
+    assert!(
+        Config::parse(&with("true"), &env)
+            .unwrap()
+            .server
+            .defer_accept
+    );
+    let e = errors(&with("\"yes\""));
+    let found: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(found, ["server.defer_accept"]);
+}
+
+#[test]
 fn upstream_and_cancel_budgets_have_defaults_and_named_errors() {
     let config = Config::parse(VALID, &env).unwrap();
     assert_eq!(config.server.upstream_max_connections, 256);

@@ -340,6 +340,25 @@ async fn a_client_that_stops_reading_loses_its_connection_and_the_upstream_is_re
 
 // ---- count and memory --------------------------------------------------------------------
 
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn with_defer_accept_a_connection_that_says_nothing_takes_no_place() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let server = "defer_accept = true\nmax_connections = 1\nworkers = 1";
+    let proxy = proxy_with(&stubs, server, "").await;
+    // Without the option, the first would take the one place and the request be refused.
+    let _silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let _also_silent = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..3 {
+        let answer = raw(
+            proxy.addr,
+            b"GET /whoami HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
+
 #[tokio::test]
 async fn connections_over_max_connections_are_refused_while_admitted_ones_and_probes_work() {
     let stubs = Stubs::start(StubSettings::default()).await;
