@@ -97,9 +97,10 @@ pub fn client_tls(
         for error in &found.errors {
             tracing::warn!(%error, "a system root certificate could not be loaded");
         }
-        for cert in &found.certs {
-            cert.as_ref().hash(&mut digest);
-        }
+        // In an order of their own: the system's store need not list them alike each time.
+        let mut system: Vec<&[u8]> = found.certs.iter().map(|cert| cert.as_ref()).collect();
+        system.sort_unstable();
+        system.hash(&mut digest);
         let (added, _ignored) = roots.add_parsable_certificates(found.certs);
         if added == 0 {
             return Err(TlsError::NoNativeRoots);

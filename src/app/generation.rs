@@ -157,9 +157,10 @@ impl Generation {
                         }
                     };
                     // Only `https://` connections are made with the certificates.
-                    let material = match r.upstream.scheme == http::uri::Scheme::HTTPS {
-                        true => material,
-                        false => 0,
+                    let material = if r.upstream.scheme == http::uri::Scheme::HTTPS {
+                        material
+                    } else {
+                        0
                     };
                     let kept = same_tls
                         .and_then(|p| p.pools.get(&key))
