@@ -221,12 +221,17 @@ pub(super) fn parse_server(
         for name in names {
             match ForwardingHeaders::named(name) {
                 Some(header) => forwarding_headers = forwarding_headers.with(header),
-                None => s.error(
-                    "forwarding_headers",
-                    format!("{name:?} is not a forwarding header the proxy sets"),
-                    "list some of \"x-forwarded-for\", \"x-real-ip\", \"forwarded\", \
-                     \"x-forwarded-proto\" and \"x-forwarded-host\", or [] for none",
-                ),
+                None => {
+                    let names: Vec<String> = ForwardingHeaders::NAMES
+                        .iter()
+                        .map(|name| format!("{name:?}"))
+                        .collect();
+                    s.error(
+                        "forwarding_headers",
+                        format!("{name:?} is not a forwarding header the proxy sets"),
+                        format!("list some of {}, or [] for none", names.join(", ")),
+                    )
+                }
             }
         }
     }
