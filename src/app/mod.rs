@@ -57,7 +57,7 @@ pub enum RunError {
 /// A proxy whose listeners are bound and whose accounts are created; nothing runs yet.
 pub struct App {
     /// The main listener's sockets, one per worker.
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<Bound>,
     admin: Option<TcpListener>,
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
@@ -79,7 +79,7 @@ struct ExtraListener {
 
 /// What one worker serves: its socket of the main listener and of each further one.
 struct WorkerSockets {
-    main: std::net::TcpListener,
+    main: Bound,
     further: Vec<Bound>,
 }
 
@@ -157,6 +157,11 @@ impl App {
         )
         .map_err(bound)?;
         let local_addr = listeners[0].local_addr().map_err(bound)?;
+        let deferred = config.server.defer_accept;
+        let listeners = listeners
+            .into_iter()
+            .map(|socket| Bound::Tcp { socket, deferred })
+            .collect();
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr)?),
             None => None,
@@ -406,7 +411,7 @@ async fn serve_worker(
         .filter_map(|(bound, serving)| listen(bound, serving))
         .map(tokio::spawn)
         .collect();
-    let mut latest = match listen(Bound::Tcp(sockets.main), main) {
+    let mut latest = match listen(sockets.main, main) {
         Some(serving) => serving.await,
         None => tokio::time::Instant::now(),
     };
@@ -495,7 +500,11 @@ fn bind_listener(
                     source,
                 }
             })?;
-            Ok(sockets.into_iter().map(Bound::Tcp).collect())
+            let deferred = server.defer_accept;
+            Ok(sockets
+                .into_iter()
+                .map(|socket| Bound::Tcp { socket, deferred })
+                .collect())
         }
         ListenAddress::Unix { path, mode } => {
             use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -32,13 +32,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
-use tokio::net::TcpListener;
-
-impl From<TcpListener> for Listener {
-    fn from(listener: TcpListener) -> Listener {
-        Listener::Tcp(listener)
-    }
-}
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use transport::{Accepted, Listener, Transport};

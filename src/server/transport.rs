@@ -3,10 +3,12 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixStream};
 use tokio_rustls::server::TlsStream;
 
 /// A client connection's transport.
@@ -17,16 +19,40 @@ pub enum Transport {
 }
 
 /// A bound listener.
+///
+/// tokio's own `accept` takes a new connection for readable, so that the first read tries
+/// the socket at once. A connection is accepted when its handshake completes, and a client
+/// sends its request only then, so that read almost always finds nothing: one system call
+/// per connection for nothing. The listeners of connections handed over at the handshake
+/// therefore accept with mio and register the connection as it is: its first read waits
+/// for the event of its first bytes. A socket with `TCP_DEFER_ACCEPT` hands a connection
+/// over with its first bytes at hand, and there tokio's guess is right.
 pub enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
+    /// TCP, connections registered as they are: their first read waits for their first
+    /// bytes.
+    Tcp(AsyncFd<mio::net::TcpListener>),
+    /// TCP, connections taken for readable (tokio's `accept`): for a socket with
+    /// `server.defer_accept`, which hands them over with their first bytes, and for a
+    /// listener given to [`serve`](super::serve) already registered (the admin listener).
+    TcpReadAtOnce(TcpListener),
+    Unix(AsyncFd<mio::net::UnixListener>),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Listener {
+        Listener::TcpReadAtOnce(listener)
+    }
 }
 
 /// A listening socket bound in one thread and served in another: registered with the
 /// serving thread's runtime only there ([`Bound::register`]).
 #[derive(Debug)]
 pub enum Bound {
-    Tcp(std::net::TcpListener),
+    /// A TCP socket, `deferred` if it has `TCP_DEFER_ACCEPT` ([`defer_accept`]).
+    Tcp {
+        socket: std::net::TcpListener,
+        deferred: bool,
+    },
     Unix(std::os::unix::net::UnixListener),
 }
 
@@ -34,18 +60,33 @@ impl Bound {
     /// Registers the socket with the runtime of the calling thread.
     pub fn register(self) -> io::Result<Listener> {
         Ok(match self {
-            Bound::Tcp(l) => Listener::Tcp(TcpListener::from_std(l)?),
-            Bound::Unix(l) => Listener::Unix(UnixListener::from_std(l)?),
+            Bound::Tcp {
+                socket,
+                deferred: true,
+            } => Listener::TcpReadAtOnce(TcpListener::from_std(socket)?),
+            Bound::Tcp {
+                socket,
+                deferred: false,
+            } => Listener::Tcp(register(mio::net::TcpListener::from_std(socket))?),
+            Bound::Unix(l) => Listener::Unix(register(mio::net::UnixListener::from_std(l))?),
         })
     }
 
     /// The address of a TCP socket.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match self {
-            Bound::Tcp(l) => l.local_addr().ok(),
+            Bound::Tcp { socket, .. } => socket.local_addr().ok(),
             Bound::Unix(_) => None,
         }
     }
+}
+
+/// Registers a listening socket with the runtime of the calling thread, for reading.
+#[allow(unsafe_code)] // tokio's registration of a descriptor it does not own is unsafe
+fn register<L: AsRawFd>(listener: L) -> io::Result<AsyncFd<L>> {
+    // SAFETY: a mio listener owns its descriptor, open until the listener is dropped, and
+    // `as_raw_fd` returns that one each time; the `AsyncFd` owns the listener.
+    unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }.map_err(Into::into)
 }
 
 /// A connection just accepted.
@@ -122,18 +163,32 @@ impl Listener {
     pub async fn accept(&self) -> io::Result<(Accepted, SocketAddr)> {
         match self {
             Listener::Tcp(l) => {
+                let (stream, peer) = l
+                    .async_io(Interest::READABLE, mio::net::TcpListener::accept)
+                    .await?;
+                let stream = TcpStream::from_std(OwnedFd::from(stream).into())?;
+                Ok((Accepted::Tcp(nodelay(stream)), peer))
+            }
+            Listener::TcpReadAtOnce(l) => {
                 let (stream, peer) = l.accept().await?;
-                // Inherited from the listening socket on Linux (`listen_socket`).
-                #[cfg(not(target_os = "linux"))]
-                let _ = stream.set_nodelay(true);
-                Ok((Accepted::Tcp(stream), peer))
+                Ok((Accepted::Tcp(nodelay(stream)), peer))
             }
             Listener::Unix(l) => {
-                let (stream, _) = l.accept().await?;
+                let (stream, _) = l
+                    .async_io(Interest::READABLE, mio::net::UnixListener::accept)
+                    .await?;
+                let stream = UnixStream::from_std(OwnedFd::from(stream).into())?;
                 Ok((Accepted::Unix(stream), UNIX_PEER))
             }
         }
     }
+}
+
+/// Sets `TCP_NODELAY` where the listening socket does not hand it on (`listen_socket`).
+fn nodelay(stream: TcpStream) -> TcpStream {
+    #[cfg(not(target_os = "linux"))]
+    let _ = stream.set_nodelay(true);
+    stream
 }
 
 impl AsyncRead for Transport {
@@ -203,20 +258,108 @@ impl AsyncWrite for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn accepted_connections_have_nodelay_set() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let workers = crate::server::worker::bind(addr, 1, false).unwrap();
         let further = tcp_listener(addr).unwrap().into_std().unwrap();
-        for listener in workers.into_iter().chain([further]) {
-            let bound = listener.local_addr().unwrap();
-            let listener = Listener::Tcp(TcpListener::from_std(listener).unwrap());
+        for socket in workers.into_iter().chain([further]) {
+            let bound = socket.local_addr().unwrap();
+            let listener = Bound::Tcp {
+                socket,
+                deferred: false,
+            };
+            let listener = listener.register().unwrap();
             let _client = TcpStream::connect(bound).await.unwrap();
             let (Accepted::Tcp(stream), _) = listener.accept().await.unwrap() else {
                 panic!("a TCP listener accepted something else");
             };
             assert!(stream.nodelay().unwrap());
         }
+    }
+
+    /// Whether a connection's first read would try the socket now, its client having sent
+    /// nothing yet.
+    async fn reads_at_once(stream: &TcpStream) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_read_once_its_first_bytes_arrive() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tcp_listener("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .into_std()
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listener = Bound::Tcp {
+            socket,
+            deferred: false,
+        };
+        let listener = listener.register().unwrap();
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (Accepted::Tcp(mut stream), _) = listener.accept().await.unwrap() else {
+            panic!("a TCP listener accepted something else");
+        };
+        assert!(!reads_at_once(&stream).await, "read before any bytes came");
+        client.write_all(b"GET").await.unwrap();
+        let mut got = [0; 3];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got));
+        read.await
+            .expect("the first bytes woke the reader")
+            .unwrap();
+        assert_eq!(&got, b"GET");
+
+        // Bytes that came before the accept are read as well.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"PUT").await.unwrap();
+        let (Accepted::Tcp(mut stream), _) = listener.accept().await.unwrap() else {
+            panic!("a TCP listener accepted something else");
+        };
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got));
+        read.await.expect("bytes already there were read").unwrap();
+        assert_eq!(&got, b"PUT");
+
+        // A listener handed over already registered reads at once (tokio's `accept`).
+        let listener = Listener::from(tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap());
+        let Listener::TcpReadAtOnce(ref tokio_listener) = listener else {
+            panic!("a registered listener became another kind");
+        };
+        let _client = TcpStream::connect(tokio_listener.local_addr().unwrap()).await;
+        let (Accepted::Tcp(stream), _) = listener.accept().await.unwrap() else {
+            panic!("a TCP listener accepted something else");
+        };
+        assert!(reads_at_once(&stream).await);
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_connection_is_read_once_its_first_bytes_arrive() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener = Bound::Unix(socket).register().unwrap();
+
+        let mut client = UnixStream::connect(&path).await.unwrap();
+        let (Accepted::Unix(mut stream), peer) = listener.accept().await.unwrap() else {
+            panic!("a Unix listener accepted something else");
+        };
+        assert_eq!(peer, UNIX_PEER);
+        let waiting = std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready()));
+        assert!(!waiting.await, "read before any bytes came");
+        client.write_all(b"GET").await.unwrap();
+        let mut got = [0; 3];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got));
+        read.await
+            .expect("the first bytes woke the reader")
+            .unwrap();
+        assert_eq!(&got, b"GET");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
