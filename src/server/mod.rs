@@ -120,6 +120,9 @@ where
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
+                // That one connection went before it was taken (a client's reset): the next
+                // is served at once. A pause here would let a client stall every accept.
+                Err(error) if lost_before_accept(&error) => continue,
                 Err(error) => {
                     // Out of file descriptors and the like: pause rather than spin.
                     if let Some(more) = accept_failed.note() {
@@ -212,6 +215,16 @@ where
         );
     }
     deadline
+}
+
+/// Whether a failed accept lost only the connection it was taking, not the listener's
+/// ability to take the next.
+fn lost_before_accept(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused
+    )
 }
 
 /// How long a connection told to calm down may take to go.
@@ -344,5 +357,28 @@ impl Throttle {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lost_before_accept;
+    use std::io::Error;
+
+    #[test]
+    fn a_connection_lost_before_its_accept_does_not_pause_the_listener() {
+        // Linux's errno values: the connection's own end, and the process out of descriptors.
+        for lost in [libc::ECONNABORTED, libc::ECONNRESET] {
+            assert!(
+                lost_before_accept(&Error::from_raw_os_error(lost)),
+                "{lost}"
+            );
+        }
+        for exhausted in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(
+                !lost_before_accept(&Error::from_raw_os_error(exhausted)),
+                "{exhausted}"
+            );
+        }
     }
 }
