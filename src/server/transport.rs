@@ -259,6 +259,7 @@ impl AsyncWrite for Transport {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn accepted_connections_have_nodelay_set() {
@@ -286,9 +287,28 @@ mod tests {
         std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready())).await
     }
 
+    /// Reads three bytes, which must come within seconds.
+    async fn read_three(stream: &mut (impl AsyncRead + Unpin)) -> [u8; 3] {
+        let mut got = [0; 3];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got));
+        read.await.expect("the bytes were read").unwrap();
+        got
+    }
+
+    /// Checks that a connection's first read `waits` (its client sent nothing yet), and
+    /// that the client's first bytes then wake it.
+    async fn first_bytes_wake_the_reader(
+        waits: bool,
+        stream: &mut (impl AsyncRead + Unpin),
+        client: &mut (impl AsyncWrite + Unpin),
+    ) {
+        assert!(waits, "read before any bytes came");
+        client.write_all(b"GET").await.unwrap();
+        assert_eq!(&read_three(stream).await, b"GET");
+    }
+
     #[tokio::test]
     async fn a_connection_is_read_once_its_first_bytes_arrive() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let socket = tcp_listener("127.0.0.1:0".parse().unwrap())
             .unwrap()
             .into_std()
@@ -304,14 +324,8 @@ mod tests {
         let (Accepted::Tcp(mut stream), _) = listener.accept().await.unwrap() else {
             panic!("a TCP listener accepted something else");
         };
-        assert!(!reads_at_once(&stream).await, "read before any bytes came");
-        client.write_all(b"GET").await.unwrap();
-        let mut got = [0; 3];
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got));
-        read.await
-            .expect("the first bytes woke the reader")
-            .unwrap();
-        assert_eq!(&got, b"GET");
+        let waits = !reads_at_once(&stream).await;
+        first_bytes_wake_the_reader(waits, &mut stream, &mut client).await;
 
         // Bytes that came before the accept are read as well.
         let mut client = TcpStream::connect(addr).await.unwrap();
@@ -319,9 +333,7 @@ mod tests {
         let (Accepted::Tcp(mut stream), _) = listener.accept().await.unwrap() else {
             panic!("a TCP listener accepted something else");
         };
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got));
-        read.await.expect("bytes already there were read").unwrap();
-        assert_eq!(&got, b"PUT");
+        assert_eq!(&read_three(&mut stream).await, b"PUT");
 
         // A listener handed over already registered reads at once (tokio's `accept`).
         let listener = Listener::from(tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap());
@@ -337,7 +349,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_unix_socket_connection_is_read_once_its_first_bytes_arrive() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = std::env::temp_dir().join(format!("transport-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("proxy.sock");
@@ -351,15 +362,9 @@ mod tests {
             panic!("a Unix listener accepted something else");
         };
         assert_eq!(peer, UNIX_PEER);
-        let waiting = std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready()));
-        assert!(!waiting.await, "read before any bytes came");
-        client.write_all(b"GET").await.unwrap();
-        let mut got = [0; 3];
-        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got));
-        read.await
-            .expect("the first bytes woke the reader")
-            .unwrap();
-        assert_eq!(&got, b"GET");
+        let waits =
+            !std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready())).await;
+        first_bytes_wake_the_reader(waits, &mut stream, &mut client).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
