@@ -178,7 +178,7 @@ impl Proxy {
             // The request filter, the token and the rewrite: the request as it goes upstream.
             // Written here, not in a step of its own: the step's result (the request and what
             // its answer needs of it, about 600 bytes) was moved twice on its way out. The
-            // client's request is taken apart before the first wait, so it takes no room in
+            // client's request is taken apart before it goes upstream, so it takes no room in
             // this future while the upstream answers.
             let Picked {
                 route,
