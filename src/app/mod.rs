@@ -150,18 +150,12 @@ impl App {
             addr: config.server.listen,
             source,
         };
-        let listeners = worker::bind(
+        let (local_addr, listeners) = worker::bind(
             config.server.listen,
             config.server.workers,
             config.server.defer_accept,
         )
         .map_err(bound)?;
-        let local_addr = listeners[0].local_addr().map_err(bound)?;
-        let deferred = config.server.defer_accept;
-        let listeners = listeners
-            .into_iter()
-            .map(|socket| Bound::Tcp { socket, deferred })
-            .collect();
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr)?),
             None => None,
@@ -494,17 +488,14 @@ fn bind_listener(
     let workers = server.workers;
     match address {
         ListenAddress::Tcp(addr) => {
-            let sockets = worker::bind(*addr, workers, server.defer_accept).map_err(|source| {
-                StartError::Bind {
-                    addr: *addr,
-                    source,
-                }
-            })?;
-            let deferred = server.defer_accept;
-            Ok(sockets
-                .into_iter()
-                .map(|socket| Bound::Tcp { socket, deferred })
-                .collect())
+            let (_, sockets) =
+                worker::bind(*addr, workers, server.defer_accept).map_err(|source| {
+                    StartError::Bind {
+                        addr: *addr,
+                        source,
+                    }
+                })?;
+            Ok(sockets)
         }
         ListenAddress::Unix { path, mode } => {
             use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -119,7 +119,6 @@ pub fn listen_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)] // no safe API sets this option (std's is unstable, socket2 has none)
 pub fn defer_accept(socket: &TcpSocket, seconds: u32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
     // SAFETY: the descriptor is a socket open for the length of the call, and the kernel
     // reads the option's value, a `c_int`, through a pointer and a length that describe it.
@@ -264,15 +263,14 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_have_nodelay_set() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let workers = crate::server::worker::bind(addr, 1, false).unwrap();
-        let further = tcp_listener(addr).unwrap().into_std().unwrap();
+        let (_, workers) = crate::server::worker::bind(addr, 1, false).unwrap();
+        let further = Bound::Tcp {
+            socket: tcp_listener(addr).unwrap().into_std().unwrap(),
+            deferred: false,
+        };
         for socket in workers.into_iter().chain([further]) {
             let bound = socket.local_addr().unwrap();
-            let listener = Bound::Tcp {
-                socket,
-                deferred: false,
-            };
-            let listener = listener.register().unwrap();
+            let listener = socket.register().unwrap();
             let _client = TcpStream::connect(bound).await.unwrap();
             let (Accepted::Tcp(stream), _) = listener.accept().await.unwrap() else {
                 panic!("a TCP listener accepted something else");

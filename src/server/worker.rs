@@ -5,7 +5,7 @@
 //! leaves the thread that accepted it (no work stealing). The upstream connection pools are
 //! shared, and keep each worker's idle connections apart ([`current`]).
 
-use super::transport::{defer_accept, listen_socket, BACKLOG};
+use super::transport::{defer_accept, listen_socket, Bound, BACKLOG};
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,12 +36,13 @@ pub(crate) fn enter(index: usize) {
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT` (port 0: the port the first one
 /// got), for the workers to serve, deferring each accept to the connection's first bytes
 /// if `defer` (`server.defer_accept`); they are registered with a runtime only in their
-/// worker. Called within a runtime.
+/// worker. Returns the address they are bound to, and the sockets. Called within a
+/// runtime.
 pub fn bind(
     addr: SocketAddr,
     count: usize,
     defer: bool,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
+) -> std::io::Result<(SocketAddr, Vec<Bound>)> {
     let mut addr = addr;
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
@@ -55,10 +56,16 @@ pub fn bind(
         sockets.push(socket);
     }
     // Listening registers a socket with this runtime; into_std takes it back out.
-    sockets
+    let sockets = sockets
         .into_iter()
-        .map(|socket| socket.listen(BACKLOG)?.into_std())
-        .collect()
+        .map(|socket| {
+            Ok(Bound::Tcp {
+                socket: socket.listen(BACKLOG)?.into_std()?,
+                deferred: defer,
+            })
+        })
+        .collect::<std::io::Result<_>>()?;
+    Ok((addr, sockets))
 }
 
 /// Runs `serve(i, sockets)` for each worker's sockets on a thread of its own with a
