@@ -279,10 +279,12 @@ mod tests {
         }
     }
 
-    /// Whether a connection's first read would try the socket now, its client having sent
-    /// nothing yet.
-    async fn reads_at_once(stream: &TcpStream) -> bool {
-        std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready())).await
+    /// Whether a connection's first read would try the socket now (`read_ready`, its
+    /// readiness), its client having sent nothing yet.
+    async fn reads_at_once(
+        mut read_ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
+    ) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(read_ready(cx).is_ready())).await
     }
 
     /// Reads three bytes, which must come within seconds.
@@ -322,7 +324,7 @@ mod tests {
         let (Accepted::Tcp(mut stream), _) = listener.accept().await.unwrap() else {
             panic!("a TCP listener accepted something else");
         };
-        let waits = !reads_at_once(&stream).await;
+        let waits = !reads_at_once(|cx| stream.poll_read_ready(cx)).await;
         first_bytes_wake_the_reader(waits, &mut stream, &mut client).await;
 
         // Bytes that came before the accept are read as well.
@@ -342,7 +344,7 @@ mod tests {
         let (Accepted::Tcp(stream), _) = listener.accept().await.unwrap() else {
             panic!("a TCP listener accepted something else");
         };
-        assert!(reads_at_once(&stream).await);
+        assert!(reads_at_once(|cx| stream.poll_read_ready(cx)).await);
     }
 
     #[tokio::test]
@@ -360,8 +362,7 @@ mod tests {
             panic!("a Unix listener accepted something else");
         };
         assert_eq!(peer, UNIX_PEER);
-        let waits =
-            !std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready())).await;
+        let waits = !reads_at_once(|cx| stream.poll_read_ready(cx)).await;
         first_bytes_wake_the_reader(waits, &mut stream, &mut client).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
