@@ -10,8 +10,8 @@
 //! HTTP 200 with `ACCESS_TOKEN_EXPIRED` and kin) leads to one shared refresh and at most one
 //! replay. [`app::App`] binds the listeners, then runs until shutdown.
 //! [`stub`] holds local stand-ins for the identity service and a Mosaic service.
-// Two exceptions, both in `server::transport`: a socket option no safe API sets
-// (`defer_accept`), and tokio's registration of a listener's own descriptor (`register`).
+// Two exceptions, both in `server::transport`: socket options no safe API sets
+// (`set_tcp_option`), and tokio's registration of a listener's own descriptor (`register`).
 #![deny(unsafe_code)]
 
 pub mod admin;

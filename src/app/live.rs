@@ -349,6 +349,7 @@ fn compare(old: &Generation, next: &Generation) -> ReloadReport {
         ),
         ("server.workers", o.workers != n.workers),
         ("server.defer_accept", o.defer_accept != n.defer_accept),
+        ("server.quickack", o.quickack != n.quickack),
         ("[listeners]", old.config.listeners != next.config.listeners),
     ];
     for (what, changed) in restart_only {

@@ -154,6 +154,7 @@ impl App {
             config.server.listen,
             config.server.workers,
             config.server.defer_accept,
+            config.server.quickack,
         )
         .map_err(bound)?;
         let admin = match config.server.admin_listen {
@@ -478,7 +479,8 @@ fn serving_tls(
 }
 
 /// Binds a further listener for `server.workers` workers: a TCP address (a socket each, with
-/// `SO_REUSEPORT`, accepts deferred as `server.defer_accept` says), or a Unix socket created
+/// `SO_REUSEPORT`, accepts deferred as `server.defer_accept` says, acknowledgements as
+/// `server.quickack` says), or a Unix socket created
 /// with its file mode (a socket file left by an earlier run is replaced), which every
 /// worker accepts from.
 fn bind_listener(
@@ -488,13 +490,11 @@ fn bind_listener(
     let workers = server.workers;
     match address {
         ListenAddress::Tcp(addr) => {
-            let (_, sockets) =
-                worker::bind(*addr, workers, server.defer_accept).map_err(|source| {
-                    StartError::Bind {
-                        addr: *addr,
-                        source,
-                    }
-                })?;
+            let (_, sockets) = worker::bind(*addr, workers, server.defer_accept, server.quickack)
+                .map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
             Ok(sockets)
         }
         ListenAddress::Unix { path, mode } => {

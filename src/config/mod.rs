@@ -173,6 +173,9 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Accept a TCP connection only once its first bytes arrived (`TCP_DEFER_ACCEPT`).
     pub defer_accept: bool,
+    /// Acknowledge a new connection's first request at once (`TCP_QUICKACK`), not with the
+    /// answer.
+    pub quickack: bool,
 }
 
 /// The bounds on what one client connection may hold, and on how many there are.

@@ -157,6 +157,7 @@ pub(super) fn parse_server(
             "access_log",
             "workers",
             "defer_accept",
+            "quickack",
         ],
     );
     let listen = s
@@ -265,6 +266,7 @@ pub(super) fn parse_server(
         tls_reload: s.duration("tls_reload", DEFAULT_TLS_RELOAD),
         access_log: s.bool("access_log", false),
         defer_accept: s.bool("defer_accept", false),
+        quickack: s.bool("quickack", false),
         workers: s.integer("workers", default_workers() as u64, (1, MAX_WORKERS)) as usize,
         upstream_max_connections: s.integer(
             "upstream_max_connections",

@@ -117,24 +117,9 @@ pub fn listen_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
 /// with its request at hand: no read that finds nothing, no wait for the next event. One
 /// that connects and says nothing waits in the kernel, not in the proxy, until then.
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // no safe API sets this option (std's is unstable, socket2 has none)
 pub fn defer_accept(socket: &TcpSocket, seconds: u32) -> io::Result<()> {
-    let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
-    // SAFETY: the descriptor is a socket open for the length of the call, and the kernel
-    // reads the option's value, a `c_int`, through a pointer and a length that describe it.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    match set {
-        0 => Ok(()),
-        _ => Err(io::Error::last_os_error()),
-    }
+    let seconds = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
+    set_tcp_option(socket, libc::TCP_DEFER_ACCEPT, seconds)
 }
 
 /// `TCP_DEFER_ACCEPT` is Linux's: elsewhere a listener asked for it does not start.
@@ -144,6 +129,50 @@ pub fn defer_accept(_socket: &TcpSocket, _seconds: u32) -> io::Result<()> {
         io::ErrorKind::Unsupported,
         "server.defer_accept needs Linux's TCP_DEFER_ACCEPT",
     ))
+}
+
+/// Has a listening socket's connections acknowledge a request with the answer to it rather
+/// than with a packet of their own (`TCP_QUICKACK` off, which Linux hands on to every
+/// connection the listener accepts; `listen` clears it, so it is set after). A new
+/// connection otherwise acknowledges its client's first request at once: one packet more
+/// per connection for the proxy to send and for the client to take in. Should the answer
+/// take longer than the delayed-acknowledgement timer (40 ms), the kernel acknowledges
+/// then. Linux only: elsewhere the kernel's own behaviour stays.
+#[cfg(target_os = "linux")]
+pub fn delay_first_ack(listener: &impl AsRawFd) -> io::Result<()> {
+    set_tcp_option(listener, libc::TCP_QUICKACK, 0)
+}
+
+/// `TCP_QUICKACK` is Linux's: elsewhere nothing is changed.
+#[cfg(not(target_os = "linux"))]
+pub fn delay_first_ack(_listener: &impl AsRawFd) -> io::Result<()> {
+    Ok(())
+}
+
+/// Sets a TCP socket option that takes an integer. Neither option it is used for has a
+/// safe API (std's are unstable or for streams only, socket2 has no `TCP_DEFER_ACCEPT`).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn set_tcp_option(
+    socket: &impl AsRawFd,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the descriptor is a socket open for the length of the call, and the kernel
+    // reads the option's value, a `c_int`, through a pointer and a length that describe it.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            option,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    match set {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 /// A TCP listener on `addr` (no `SO_REUSEPORT`: the admin and further listeners).
@@ -263,7 +292,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_have_nodelay_set() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (_, workers) = crate::server::worker::bind(addr, 1, false).unwrap();
+        let (_, workers) = crate::server::worker::bind(addr, 1, false, false).unwrap();
         let further = Bound::Tcp {
             socket: tcp_listener(addr).unwrap().into_std().unwrap(),
             deferred: false,
@@ -276,6 +305,29 @@ mod tests {
                 panic!("a TCP listener accepted something else");
             };
             assert!(stream.nodelay().unwrap());
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_acknowledge_with_the_answer_unless_quickack() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for (defer, quickack) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (bound, mut workers) =
+                crate::server::worker::bind(addr, 1, defer, quickack).unwrap();
+            let listener = workers.remove(0).register().unwrap();
+            let mut client = TcpStream::connect(bound).await.unwrap();
+            // A deferred listener hands a connection over with its first bytes.
+            client.write_all(b"G").await.unwrap();
+            let (Accepted::Tcp(stream), _) = listener.accept().await.unwrap() else {
+                panic!("a TCP listener accepted something else");
+            };
+            // Linux reads `TCP_QUICKACK` back as "not delaying acknowledgements".
+            let acks_at_once = socket2::SockRef::from(&stream).tcp_quickack().unwrap();
+            assert_eq!(
+                acks_at_once, quickack,
+                "defer_accept {defer}, quickack {quickack}"
+            );
         }
     }
 

@@ -5,7 +5,7 @@
 //! leaves the thread that accepted it (no work stealing). The upstream connection pools are
 //! shared, and keep each worker's idle connections apart ([`current`]).
 
-use super::transport::{defer_accept, listen_socket, Bound, BACKLOG};
+use super::transport::{defer_accept, delay_first_ack, listen_socket, Bound, BACKLOG};
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,13 +35,15 @@ pub(crate) fn enter(index: usize) {
 
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT` (port 0: the port the first one
 /// got), for the workers to serve, deferring each accept to the connection's first bytes
-/// if `defer` (`server.defer_accept`); they are registered with a runtime only in their
-/// worker. Returns the address they are bound to, and the sockets. Called within a
+/// if `defer` (`server.defer_accept`), and with the first request acknowledged by its
+/// answer unless `quickack` (`server.quickack`); they are registered with a runtime only in
+/// their worker. Returns the address they are bound to, and the sockets. Called within a
 /// runtime.
 pub fn bind(
     addr: SocketAddr,
     count: usize,
     defer: bool,
+    quickack: bool,
 ) -> std::io::Result<(SocketAddr, Vec<Bound>)> {
     let mut addr = addr;
     let mut sockets = Vec::with_capacity(count);
@@ -59,8 +61,12 @@ pub fn bind(
     let sockets = sockets
         .into_iter()
         .map(|socket| {
+            let socket = socket.listen(BACKLOG)?.into_std()?;
+            if !quickack {
+                delay_first_ack(&socket)?;
+            }
             Ok(Bound::Tcp {
-                socket: socket.listen(BACKLOG)?.into_std()?,
+                socket,
                 deferred: defer,
             })
         })

@@ -317,23 +317,27 @@ fn forwarding_headers_default_to_all_five_and_name_a_bad_one() {
 }
 
 #[test]
-fn defer_accept_is_off_unless_set_and_a_bad_value_names_the_key() {
-    assert!(!Config::parse(VALID, &env).unwrap().server.defer_accept);
-    let with = |value: &str| {
-        VALID.replace(
-            "[[routes]]",
-            &format!("[server]\ndefer_accept = {value}\n[[routes]]"),
-        )
+fn accept_switches_are_off_unless_set_and_a_bad_value_names_the_key() {
+    let read = |key: &str, config: Config| match key {
+        "defer_accept" => config.server.defer_accept,
+        _ => config.server.quickack,
     };
-    assert!(
-        Config::parse(&with("true"), &env)
-            .unwrap()
-            .server
-            .defer_accept
-    );
-    let e = errors(&with("\"yes\""));
-    let found: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
-    assert_eq!(found, ["server.defer_accept"]);
+    for key in ["defer_accept", "quickack"] {
+        assert!(!read(key, Config::parse(VALID, &env).unwrap()), "{key}");
+        let with = |value: &str| {
+            VALID.replace(
+                "[[routes]]",
+                &format!("[server]\n{key} = {value}\n[[routes]]"),
+            )
+        };
+        assert!(
+            read(key, Config::parse(&with("true"), &env).unwrap()),
+            "{key}"
+        );
+        let e = errors(&with("\"yes\""));
+        let found: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(found, [format!("server.{key}")]);
+    }
 }
 
 #[test]
