@@ -628,6 +628,10 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
+        if !request.body().is_end_stream() {
+            // Its client may hold the body back until the head is acknowledged.
+            self.0.conn.signals.body_to_come();
+        }
         let service = self.clone();
         crate::pin_in_place(move || async move {
             let proxy = service.0.proxy.load_full();

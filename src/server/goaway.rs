@@ -38,11 +38,13 @@ pub enum Speaks {
 }
 
 /// What a connection's driver and its socket tell each other: the driver asks for GOAWAY
-/// `ENHANCE_YOUR_CALM`; the socket counts the HTTP/1 reads that bring bytes, which tell the
-/// watchdog that a request head has begun on an idle connection.
+/// `ENHANCE_YOUR_CALM`; the service says that a request's body is to come; the socket counts
+/// the HTTP/1 reads that bring bytes, which tell the watchdog that a request head has begun
+/// on an idle connection.
 #[derive(Debug, Default)]
 pub struct SocketSignals {
     calm: AtomicBool,
+    body_to_come: AtomicBool,
     http1_reads: AtomicU64,
 }
 
@@ -54,6 +56,17 @@ impl SocketSignals {
 
     fn is_on(&self) -> bool {
         self.calm.load(Ordering::Acquire)
+    }
+
+    /// Says that a request's body is still to come: the socket then acknowledges at once
+    /// ([`Transport::ack_at_once`]), before its next read.
+    pub fn body_to_come(&self) {
+        self.body_to_come.store(true, Ordering::Relaxed);
+    }
+
+    fn take_body_to_come(&self) -> bool {
+        self.body_to_come.load(Ordering::Relaxed)
+            && self.body_to_come.swap(false, Ordering::Relaxed)
     }
 
     /// The reads on an HTTP/1 connection that brought bytes, so far.
@@ -128,6 +141,8 @@ pub struct ClientSocket {
     protocol: Protocol,
     /// What [`ClientSocket::poll_protocol`] read and hyper has not yet.
     head: Bytes,
+    /// Acknowledging at once since a request's body was to come.
+    acks_at_once: bool,
 }
 
 impl ClientSocket {
@@ -138,6 +153,7 @@ impl ClientSocket {
             signals,
             protocol: Protocol::Unknown { seen: 0 },
             head: Bytes::new(),
+            acks_at_once: false,
         }
     }
 
@@ -307,6 +323,10 @@ impl AsyncRead for ClientSocket {
             buf.put_slice(&this.head[..n]);
             this.head.advance(n);
             return Poll::Ready(Ok(()));
+        }
+        if !this.acks_at_once && this.signals.take_body_to_come() {
+            this.acks_at_once = true;
+            this.stream.ack_at_once();
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
@@ -478,5 +498,45 @@ mod tests {
         let mut frames = Frames::default();
         frames.feed(&stream[..12], |_| {});
         assert!(!frames.at_boundary());
+    }
+
+    /// Whether the connection acknowledges at once (Linux reads `TCP_QUICKACK` back so).
+    #[cfg(target_os = "linux")]
+    fn acks_at_once(socket: &ClientSocket) -> bool {
+        let Transport::Plain(tcp) = &socket.stream else {
+            panic!("the test's socket is plain TCP");
+        };
+        socket2::SockRef::from(tcp).tcp_quickack().unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_request_body_to_come_is_acknowledged_at_once() {
+        use crate::server::transport::Accepted;
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let (bound, mut sockets) = crate::server::worker::bind(addr, 1, false, false).unwrap();
+        let listener = sockets.remove(0).register().unwrap();
+        let mut client = TcpStream::connect(bound).await.unwrap();
+        // Without it the client's second write would wait for the first one's
+        // acknowledgement, which the kernel's timer sends after 40 ms, ending the delay.
+        client.set_nodelay(true).unwrap();
+        let (Accepted::Tcp(accepted), _) = listener.accept().await.unwrap() else {
+            panic!("a TCP listener accepted something else");
+        };
+        let signals = Arc::new(SocketSignals::default());
+        let mut socket = ClientSocket::new(Transport::Plain(accepted), signals.clone());
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        assert_eq!(protocol(&mut socket).await, Some(Speaks::Http1));
+        socket.read_exact(&mut vec![0; head.len()]).await.unwrap();
+        // The head's acknowledgement is left to the answer, even after a read...
+        client.write_all(b"x").await.unwrap();
+        socket.read_exact(&mut [0; 1]).await.unwrap();
+        assert!(!acks_at_once(&socket));
+        // ...until a body is said to be coming: the next read acknowledges first.
+        signals.body_to_come();
+        client.write_all(b"y").await.unwrap();
+        socket.read_exact(&mut [0; 1]).await.unwrap();
+        assert!(acks_at_once(&socket));
     }
 }

@@ -137,15 +137,20 @@ pub fn defer_accept(_socket: &TcpSocket, _seconds: u32) -> io::Result<()> {
 /// connection otherwise acknowledges its client's first request at once: one packet more
 /// per connection for the proxy to send and for the client to take in. Should the answer
 /// take longer than the delayed-acknowledgement timer (40 ms), the kernel acknowledges
-/// then. Linux only: elsewhere the kernel's own behaviour stays.
-#[cfg(target_os = "linux")]
+/// then; a request with a body to come is acknowledged at once ([`Transport::ack_at_once`]).
+/// Linux only: elsewhere the kernel's own behaviour stays.
 pub fn delay_first_ack(listener: &impl AsRawFd) -> io::Result<()> {
-    set_tcp_option(listener, libc::TCP_QUICKACK, 0)
+    set_quickack(listener, false)
 }
 
-/// `TCP_QUICKACK` is Linux's: elsewhere nothing is changed.
+/// `TCP_QUICKACK`, Linux's: elsewhere nothing is changed.
+#[cfg(target_os = "linux")]
+fn set_quickack(socket: &impl AsRawFd, on: bool) -> io::Result<()> {
+    set_tcp_option(socket, libc::TCP_QUICKACK, libc::c_int::from(on))
+}
+
 #[cfg(not(target_os = "linux"))]
-pub fn delay_first_ack(_listener: &impl AsRawFd) -> io::Result<()> {
+fn set_quickack(_socket: &impl AsRawFd, _on: bool) -> io::Result<()> {
     Ok(())
 }
 
@@ -217,6 +222,24 @@ fn nodelay(stream: TcpStream) -> TcpStream {
     #[cfg(not(target_os = "linux"))]
     let _ = stream.set_nodelay(true);
     stream
+}
+
+impl Transport {
+    /// Has the connection acknowledge what it received at once, and what it receives from
+    /// now on as Linux does for a new connection. A request whose body is still to come may
+    /// have a client that holds the body back until its head is acknowledged (Nagle's
+    /// algorithm, a head and a small body written apart); with the first acknowledgement
+    /// left to the answer ([`delay_first_ack`]) it would wait for the kernel's timer.
+    pub fn ack_at_once(&self) {
+        let tcp = match self {
+            Transport::Plain(tcp) => tcp,
+            Transport::Tls(tls) => tls.get_ref().0,
+            Transport::Unix(_) => return,
+        };
+        if let Err(error) = set_quickack(tcp, true) {
+            tracing::debug!(%error, "cannot have a client connection acknowledge at once");
+        }
+    }
 }
 
 impl AsyncRead for Transport {
