@@ -154,8 +154,8 @@ fn set_quickack(_socket: &impl AsRawFd, _on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets a TCP socket option that takes an integer. Neither option it is used for has a
-/// safe API (std's are unstable or for streams only, socket2 has no `TCP_DEFER_ACCEPT`).
+/// Sets a TCP socket option that takes an integer: one unsafe call for both options, as
+/// socket2 has no `TCP_DEFER_ACCEPT` and std's options are unstable or for streams only.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn set_tcp_option(
