@@ -5,13 +5,14 @@
 //! reallocation.
 
 use super::goaway::{ClientSocket, Speaks};
+use super::streams::{StreamExecutor, Streams};
 use crate::config::ConnectionLimits;
 use crate::BoxError;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use std::task::{Context, Poll};
 /// hyper's settings for either protocol, shared by a listener's connections.
 pub struct Protocols {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExecutor>,
 }
 
 impl Protocols {
@@ -33,7 +34,7 @@ impl Protocols {
             .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .max_headers(limits.max_headers);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        let mut http2 = http2::Builder::new(StreamExecutor);
         http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
@@ -99,7 +100,7 @@ where
     },
     Http1(http1::UpgradeableConnection<Io, S>),
     /// Boxed: twice the size of HTTP/1's, which is what most connections speak.
-    Http2(Box<http2::Connection<Io, S, TokioExecutor>>),
+    Http2(Box<Http2<S>>),
     Over,
 }
 
@@ -122,7 +123,9 @@ impl<S: Served> Connection<S> {
         match &mut this.state {
             State::First { .. } => this.state = State::Over,
             State::Http1(conn) => Pin::new(conn).graceful_shutdown(),
-            State::Http2(conn) => Pin::new(conn.as_mut()).graceful_shutdown(),
+            // Once hyper's connection has ended, only its last streams are left to finish.
+            State::Http2(h2) if h2.done.is_none() => Pin::new(&mut h2.conn).graceful_shutdown(),
+            State::Http2(_) => {}
             State::Over => {}
         }
     }
@@ -142,7 +145,7 @@ impl<S: Served> Future for Connection<S> {
                 }
             },
             State::Http1(conn) => return Pin::new(conn).poll(cx).map_err(Into::into),
-            State::Http2(conn) => return Pin::new(conn.as_mut()).poll(cx).map_err(Into::into),
+            State::Http2(h2) => return h2.poll(cx),
             State::Over => return Poll::Ready(Ok(())),
         };
         let State::First {
@@ -162,10 +165,32 @@ impl<S: Served> Future for Connection<S> {
                     .serve_connection(io, service)
                     .with_upgrades(),
             ),
-            Some(Speaks::Http2) => {
-                State::Http2(Box::new(protocols.http2.serve_connection(io, service)))
-            }
+            Some(Speaks::Http2) => State::Http2(Box::new(Http2 {
+                conn: protocols.http2.serve_connection(io, service),
+                done: None,
+                streams: Streams::default(),
+            })),
         };
         Pin::new(this).poll(cx)
+    }
+}
+
+/// hyper's HTTP/2 connection and its streams, polled by one task.
+struct Http2<S>
+where
+    S: HttpService<Incoming>,
+{
+    conn: http2::Connection<Io, S, StreamExecutor>,
+    /// How it ended, while its last streams finish.
+    done: Option<Result<(), hyper::Error>>,
+    streams: Streams,
+}
+
+impl<S: Served> Http2<S> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let conn = &mut self.conn;
+        self.streams
+            .poll_with(cx, |cx| Pin::new(&mut *conn).poll(cx), &mut self.done)
+            .map_err(Into::into)
     }
 }

@@ -14,6 +14,7 @@ pub mod deadline;
 pub mod goaway;
 pub mod http;
 pub mod side;
+mod streams;
 pub mod transport;
 pub mod watchdog;
 pub mod worker;

@@ -111,6 +111,115 @@ async fn each_http2_request_forwards_its_own_authority_as_x_forwarded_host() {
     }
 }
 
+/// Opens an HTTP/2 connection with prior knowledge to `addr`.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+#[tokio::test]
+async fn the_streams_of_one_http2_connection_are_served_at_once() {
+    let h = harness(StubSettings::default()).await;
+    let sender = h2_connection(h.proxy.addr).await;
+    // The upstream answers none until all have arrived: one stream held up by another
+    // would leave the first answer ten seconds away and the count short.
+    const STREAMS: u64 = 32;
+    let before = h.stubs.upstream.requests();
+    h.stubs.upstream.hold_until(STREAMS);
+    let mut answers = futures_util::stream::FuturesUnordered::new();
+    for i in 0..STREAMS {
+        let mut sender = sender.clone();
+        let request = Request::get(h.proxy.url(&format!("/whoami?stream={i}")))
+            .body(empty())
+            .unwrap();
+        answers.push(async move {
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        });
+    }
+    let mut answered = 0;
+    while let Some((status, body)) = futures_util::StreamExt::next(&mut answers).await {
+        if answered == 0 {
+            assert_eq!(h.stubs.upstream.requests() - before, STREAMS);
+        }
+        assert_eq!(status, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["data"]["whoami"]["name"], "demo-client (stand-in)");
+        answered += 1;
+    }
+    assert_eq!(answered, STREAMS);
+    assert_eq!(h.stubs.upstream.accepted(), STREAMS + before);
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_http2_stream_in_flight_finish() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let text = stubs
+        .config("", "")
+        .replace("[server]", "[server]\nshutdown_grace = \"10s\"");
+    let config = mosaic_auth_proxy::Config::parse(&text, &env).unwrap();
+    let app = mosaic_auth_proxy::App::bind(config).await.unwrap();
+    let addr = app.local_addr();
+    let accounts = app.accounts();
+    let (trigger, signal) = mosaic_auth_proxy::shutdown::channel();
+    let running = tokio::spawn(app.run(signal));
+    accounts[0]
+        .header_or_wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut sender = h2_connection(addr).await;
+    // Held by the upstream until a second request comes.
+    stubs.upstream.hold_until(2);
+    let request = Request::get(format!("http://{addr}/whoami"))
+        .body(empty())
+        .unwrap();
+    let in_flight = tokio::spawn(async move {
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
+    });
+    let upstream = stubs.upstream.clone();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while upstream.requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the request reaches the upstream");
+    trigger.trigger();
+    // Draining now; a second request, straight to the upstream, lets the first go.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!in_flight.is_finished(), "the stream waits for its answer");
+    let direct = format!("http://{}/released", stubs.upstream_addr);
+    client()
+        .request(Request::get(direct).body(empty()).unwrap())
+        .await
+        .unwrap();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("the stream is answered once the upstream lets it go")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["data"]["whoami"]["name"], "demo-client (stand-in)");
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the proxy stops once its last stream has ended")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn two_accounts_on_two_routes_inject_two_different_tokens() {
     let mut settings = StubSettings::default();
