@@ -3,6 +3,7 @@
 
 use super::record::Record;
 use super::upstream::UpstreamBody;
+use crate::server::goaway::SocketSignals;
 use crate::BoxError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -10,6 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -150,11 +152,14 @@ pub struct TimedBody {
     /// Data bytes received.
     received: u64,
     timed_out: bool,
+    /// Told when the body is first waited for ([`SocketSignals::body_late`]).
+    socket: Option<Arc<SocketSignals>>,
 }
 
 impl TimedBody {
-    /// Bounds how slowly `inner` may come by `pace`.
-    pub fn new(inner: Incoming, pace: BodyPace) -> TimedBody {
+    /// Bounds how slowly `inner` may come by `pace`; the first wait for it is told to
+    /// `socket`, its client connection's.
+    pub fn new(inner: Incoming, pace: BodyPace, socket: Option<Arc<SocketSignals>>) -> TimedBody {
         TimedBody {
             inner,
             pace,
@@ -163,6 +168,7 @@ impl TimedBody {
             waited: Duration::ZERO,
             received: 0,
             timed_out: false,
+            socket,
         }
     }
 
@@ -206,6 +212,9 @@ impl Body for TimedBody {
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
+                if let Some(socket) = this.socket.take() {
+                    socket.body_late();
+                }
                 if this.waiting.is_none() {
                     let now = Instant::now();
                     let (deadline, reason) = this.deadline(now);
@@ -246,4 +255,62 @@ pub fn body_timeout_in(error: &(dyn std::error::Error + 'static)) -> Option<Body
         cause = e.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response};
+    use tokio::io::AsyncWriteExt;
+
+    /// Serves one request on an in-memory connection whose client writes `head`, then,
+    /// once told, `rest`; returns whether the first poll of its body found it there and
+    /// whether the socket was told the body was waited for.
+    async fn first_poll(head: &'static [u8], rest: &'static [u8]) -> (bool, bool) {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        let seen_tx = std::sync::Mutex::new(Some(seen_tx));
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let seen_tx = seen_tx.lock().unwrap().take();
+            async move {
+                let signals = Arc::new(SocketSignals::default());
+                let pace = BodyPace {
+                    gap: Duration::from_secs(5),
+                    min_rate: 0,
+                };
+                let mut body = TimedBody::new(request.into_body(), pace, Some(signals.clone()));
+                let polled = std::future::poll_fn(|cx| {
+                    Poll::Ready(Pin::new(&mut body).poll_frame(cx).is_ready())
+                })
+                .await;
+                if let Some(seen) = seen_tx {
+                    let _ = seen.send((polled, signals.acknowledges_next_read()));
+                }
+                http_body_util::BodyExt::collect(body).await.unwrap();
+                Ok::<_, BoxError>(Response::new(http_body_util::Empty::<Bytes>::new()))
+            }
+        });
+        let serving = tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(server), service),
+        );
+        client.write_all(head).await.unwrap();
+        let seen = seen_rx.await.unwrap();
+        client.write_all(rest).await.unwrap();
+        drop(client);
+        let _ = serving.await;
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_body_first_waited_for_is_told_to_its_socket() {
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(first_poll(head, b"xy").await, (false, true));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_came_with_its_head_is_not_told() {
+        let whole = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nxy";
+        assert_eq!(first_poll(whole, b"").await, (true, false));
+    }
 }

@@ -16,6 +16,7 @@ use crate::identity::stats::ReplayOutcome;
 use crate::identity::Rejection;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::server::conn::ClientConn;
+use crate::server::goaway::SocketSignals;
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
@@ -219,9 +220,13 @@ impl Proxy {
                 None => None,
             };
             // Keep a small body for a replay, or stream it.
-            let (body, replay) = match self.stream_or_budget(route, body, upgrade.is_none()) {
+            let socket = &client.0.conn.signals;
+            let (body, replay) = match self.stream_or_budget(route, body, upgrade.is_none(), socket)
+            {
                 Kept::Decided(body, replay) => (body, replay.then(|| Replay::bodiless(&parts))),
-                Kept::Keep(body, budget) => Box::pin(self.keep(&parts, body, budget)).await?,
+                Kept::Keep(body, budget) => {
+                    Box::pin(self.keep(&parts, body, budget, socket.clone())).await?
+                }
             };
             parts.headers.insert(header::AUTHORIZATION, sent.clone());
             if self.access_log {
@@ -353,7 +358,14 @@ impl Proxy {
 
     /// Decides, without waiting, whether a request body is streamed or kept (within
     /// `server.replay_memory`) so that the request can be replayed after a token rejection.
-    fn stream_or_budget<'a>(&'a self, route: &Route, body: Incoming, replayable: bool) -> Kept<'a> {
+    /// `socket` is told when the body is first waited for.
+    fn stream_or_budget<'a>(
+        &'a self,
+        route: &Route,
+        body: Incoming,
+        replayable: bool,
+        socket: &Arc<SocketSignals>,
+    ) -> Kept<'a> {
         let budget = (route.replay && replayable)
             .then(|| self.replay_budget(&body))
             .flatten();
@@ -363,7 +375,11 @@ impl Proxy {
             Some(Some(budget)) => Kept::Keep(body, budget),
             None if body.is_end_stream() => Kept::Decided(ProxyBody::Streamed(body), false),
             None => Kept::Decided(
-                ProxyBody::Timed(Box::new(TimedBody::new(body, self.body_pace))),
+                ProxyBody::Timed(Box::new(TimedBody::new(
+                    body,
+                    self.body_pace,
+                    Some(socket.clone()),
+                ))),
                 false,
             ),
         }
@@ -375,9 +391,10 @@ impl Proxy {
         parts: &http::request::Parts,
         body: Incoming,
         budget: SemaphorePermit<'a>,
+        socket: Arc<SocketSignals>,
     ) -> Result<(ProxyBody, Option<Replay<'a>>), ProxyError> {
         let kept = Limited::new(
-            TimedBody::new(body, self.body_pace),
+            TimedBody::new(body, self.body_pace, Some(socket)),
             self.replay_body_limit as usize,
         )
         .collect()

@@ -11,6 +11,7 @@
 
 use super::transport::Transport;
 use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -45,6 +46,10 @@ pub enum Speaks {
 pub struct SocketSignals {
     calm: AtomicBool,
     body_to_come: AtomicBool,
+    /// A request's body was waited for: acknowledge before the next read.
+    ack_now: AtomicBool,
+    /// The socket's reader while a body may be waited for, woken to acknowledge.
+    reader: AtomicWaker,
     http1_reads: AtomicU64,
 }
 
@@ -58,15 +63,39 @@ impl SocketSignals {
         self.calm.load(Ordering::Acquire)
     }
 
-    /// Says that a request's body is still to come: the socket then acknowledges at once
-    /// ([`Transport::ack_at_once`]), before its next read.
+    /// Says that a request's body is still to come: until its answer is written on HTTP/1,
+    /// from then on on HTTP/2, whose streams share the socket.
     pub fn body_to_come(&self) {
         self.body_to_come.store(true, Ordering::Relaxed);
     }
 
-    fn take_body_to_come(&self) -> bool {
-        self.body_to_come.load(Ordering::Relaxed)
-            && self.body_to_come.swap(false, Ordering::Relaxed)
+    /// Says that a request's body was waited for: it had not all come with its head. A
+    /// client with Nagle's algorithm on holds a small body back until its head is
+    /// acknowledged, which Linux delays (by up to 40 ms) on a connection that has had an
+    /// exchange; so the socket acknowledges at once ([`Transport::ack_at_once`]) before
+    /// its next read, and its reader is woken for that read. A body that came with its head
+    /// is never waited for and costs no system call.
+    pub fn body_late(&self) {
+        self.ack_now.store(true, Ordering::Relaxed);
+        self.reader.wake();
+    }
+
+    /// Whether the next read acknowledges first.
+    #[cfg(test)]
+    pub fn acknowledges_next_read(&self) -> bool {
+        self.ack_now.load(Ordering::Relaxed)
+    }
+
+    fn take_ack_now(&self) -> bool {
+        self.ack_now.load(Ordering::Relaxed) && self.ack_now.swap(false, Ordering::Relaxed)
+    }
+
+    /// An HTTP/1 answer is being written: its request's body came, or is no longer awaited.
+    fn answering(&self) {
+        if self.body_to_come.load(Ordering::Relaxed) {
+            self.body_to_come.store(false, Ordering::Relaxed);
+            self.ack_now.store(false, Ordering::Relaxed);
+        }
     }
 
     /// The reads on an HTTP/1 connection that brought bytes, so far.
@@ -141,8 +170,6 @@ pub struct ClientSocket {
     protocol: Protocol,
     /// What [`ClientSocket::poll_protocol`] read and hyper has not yet.
     head: Bytes,
-    /// Acknowledging at once since a request's body was to come.
-    acks_at_once: bool,
 }
 
 impl ClientSocket {
@@ -153,7 +180,6 @@ impl ClientSocket {
             signals,
             protocol: Protocol::Unknown { seen: 0 },
             head: Bytes::new(),
-            acks_at_once: false,
         }
     }
 
@@ -324,18 +350,20 @@ impl AsyncRead for ClientSocket {
             this.head.advance(n);
             return Poll::Ready(Ok(()));
         }
-        if !this.acks_at_once && this.signals.take_body_to_come() {
-            this.acks_at_once = true;
+        if this.signals.take_ack_now() {
             this.stream.ack_at_once();
         }
+        let http1 = matches!(this.protocol, Protocol::Http1);
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = read {
-            if !matches!(this.protocol, Protocol::Http1) {
-                this.saw_incoming(&buf.filled()[before..]);
-            } else if buf.filled().len() > before {
-                this.signals.note_http1_read();
+        match read {
+            Poll::Ready(Ok(())) if !http1 => this.saw_incoming(&buf.filled()[before..]),
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.signals.note_http1_read(),
+            // A body may be waited for (HTTP/1: one is to come; HTTP/2: a stream's has been).
+            Poll::Pending if this.signals.body_to_come.load(Ordering::Relaxed) => {
+                this.signals.reader.register(cx.waker());
             }
+            _ => {}
         }
         read
     }
@@ -349,6 +377,7 @@ impl AsyncWrite for ClientSocket {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if matches!(this.protocol, Protocol::Http1) {
+            this.signals.answering();
             return Pin::new(&mut this.stream).poll_write(cx, buf);
         }
         this.write_vectored(cx, &[io::IoSlice::new(buf)])
@@ -361,6 +390,7 @@ impl AsyncWrite for ClientSocket {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if matches!(this.protocol, Protocol::Http1) {
+            this.signals.answering();
             return Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
         }
         this.write_vectored(cx, bufs)
@@ -509,34 +539,94 @@ mod tests {
         socket2::SockRef::from(tcp).tcp_quickack().unwrap()
     }
 
+    /// A waker that counts how often it was woken.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Polls one read: how many bytes it gave, or `None` if it found nothing.
+    fn read_once(socket: &mut ClientSocket, waker: &std::task::Waker) -> Option<usize> {
+        let mut room = [0; 64];
+        let mut buf = ReadBuf::new(&mut room);
+        let mut cx = Context::from_waker(waker);
+        match Pin::new(socket).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(read) => {
+                read.unwrap();
+                Some(buf.filled().len())
+            }
+            Poll::Pending => None,
+        }
+    }
+
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn a_request_body_to_come_is_acknowledged_at_once() {
+    async fn each_request_body_waited_for_is_acknowledged_at_once() {
         use crate::server::transport::Accepted;
         let addr = "127.0.0.1:0".parse().unwrap();
         let (bound, mut sockets) = crate::server::worker::bind(addr, 1, false, false).unwrap();
         let listener = sockets.remove(0).register().unwrap();
         let mut client = TcpStream::connect(bound).await.unwrap();
-        // Without it the client's second write would wait for the first one's
-        // acknowledgement, which the kernel's timer sends after 40 ms, ending the delay.
-        client.set_nodelay(true).unwrap();
         let (Accepted::Tcp(accepted), _) = listener.accept().await.unwrap() else {
             panic!("a TCP listener accepted something else");
         };
         let signals = Arc::new(SocketSignals::default());
         let mut socket = ClientSocket::new(Transport::Plain(accepted), signals.clone());
+        let counting = Arc::new(Counting::default());
+        let waker = std::task::Waker::from(counting.clone());
+        let wakes = || counting.0.load(Ordering::SeqCst);
         let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n";
         client.write_all(head).await.unwrap();
         assert_eq!(protocol(&mut socket).await, Some(Speaks::Http1));
         socket.read_exact(&mut vec![0; head.len()]).await.unwrap();
-        // The head's acknowledgement is left to the answer, even after a read...
-        client.write_all(b"x").await.unwrap();
-        socket.read_exact(&mut [0; 1]).await.unwrap();
+
+        for request in 1..=2 {
+            // Linux delays acknowledgements again once a keep-alive connection has had an
+            // exchange; here that is done by hand.
+            let Transport::Plain(tcp) = &socket.stream else {
+                unreachable!("plain TCP");
+            };
+            socket2::SockRef::from(tcp).set_tcp_quickack(false).unwrap();
+            signals.body_to_come();
+            // Reads that find nothing leave the acknowledgement to the answer...
+            assert_eq!(read_once(&mut socket, &waker), None);
+            assert!(!acks_at_once(&socket), "request {request}");
+            // ...until the body is waited for: the reader is woken, and acknowledges first.
+            signals.body_late();
+            assert_eq!(wakes(), request, "the reader is woken");
+            assert_eq!(read_once(&mut socket, &waker), None);
+            assert!(acks_at_once(&socket), "request {request}");
+            client.write_all(b"xy").await.unwrap();
+            socket.read_exact(&mut [0; 2]).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        }
+        // A request without a body: reads that find nothing neither wait for one nor
+        // acknowledge.
+        let Transport::Plain(tcp) = &socket.stream else {
+            unreachable!("plain TCP");
+        };
+        socket2::SockRef::from(tcp).set_tcp_quickack(false).unwrap();
+        assert_eq!(read_once(&mut socket, &waker), None);
         assert!(!acks_at_once(&socket));
-        // ...until a body is said to be coming: the next read acknowledges first.
+    }
+
+    #[test]
+    fn an_answer_ends_what_its_request_left_waiting() {
+        let signals = SocketSignals::default();
         signals.body_to_come();
-        client.write_all(b"y").await.unwrap();
-        socket.read_exact(&mut [0; 1]).await.unwrap();
-        assert!(acks_at_once(&socket));
+        signals.body_late();
+        signals.answering();
+        assert!(!signals.body_to_come.load(Ordering::Relaxed));
+        assert!(
+            !signals.take_ack_now(),
+            "nothing to acknowledge after the answer"
+        );
     }
 }

@@ -137,7 +137,8 @@ pub fn defer_accept(_socket: &TcpSocket, _seconds: u32) -> io::Result<()> {
 /// connection otherwise acknowledges its client's first request at once: one packet more
 /// per connection for the proxy to send and for the client to take in. Should the answer
 /// take longer than the delayed-acknowledgement timer (40 ms), the kernel acknowledges
-/// then; a request with a body to come is acknowledged at once ([`Transport::ack_at_once`]).
+/// then; a request whose body is waited for is acknowledged at once
+/// ([`Transport::ack_at_once`]).
 /// Linux only: elsewhere the kernel's own behaviour stays.
 pub fn delay_first_ack(listener: &impl AsRawFd) -> io::Result<()> {
     set_quickack(listener, false)
