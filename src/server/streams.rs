@@ -43,6 +43,30 @@ where
     }
 }
 
+/// A connection's poll under way on this thread, until dropped: also when the poll
+/// panics, when what was handed over and not yet taken goes with the connection.
+struct Polling {
+    was: bool,
+}
+
+impl Polling {
+    fn begin() -> Polling {
+        Polling {
+            was: POLLING.replace(true),
+        }
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        POLLING.set(self.was);
+        if std::thread::panicking() {
+            // Dropped outside the borrow: a future's drop may hand over another.
+            drop(HANDED.with_borrow_mut(std::mem::take));
+        }
+    }
+}
+
 /// The streams of one HTTP/2 connection.
 #[derive(Default)]
 pub struct Streams {
@@ -60,7 +84,7 @@ impl Streams {
         mut poll_connection: impl FnMut(&mut Context<'_>) -> Poll<T>,
         done: &mut Option<T>,
     ) -> Poll<T> {
-        let was = POLLING.replace(true);
+        let polling = Polling::begin();
         // Streams first: what they write is sent by the connection's poll.
         self.poll_streams(cx);
         if done.is_none() {
@@ -69,7 +93,7 @@ impl Streams {
             }
         }
         self.poll_streams(cx);
-        POLLING.set(was);
+        drop(polling);
         if self.running.is_empty() {
             if let Some(outcome) = done.take() {
                 return Poll::Ready(outcome);
@@ -170,6 +194,30 @@ mod tests {
         let outcome = std::future::poll_fn(|cx| streams.poll_with(cx, &mut connection, &mut done));
         assert_eq!(outcome.await, "done");
         assert!(ended.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_poll_panics_leaves_nothing_behind_on_its_thread() {
+        let mut streams = Streams::default();
+        let mut done: Option<()> = None;
+        let panicked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let waker = futures_util::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            let _ = streams.poll_with(
+                &mut cx,
+                |_| {
+                    StreamExecutor.execute(async {});
+                    panic!("a bug in the connection")
+                },
+                &mut done,
+            );
+        }));
+        assert!(panicked.is_err());
+        assert!(!POLLING.get(), "no connection is being polled");
+        assert!(
+            HANDED.with_borrow(Vec::is_empty),
+            "nothing left for another"
+        );
     }
 
     #[tokio::test]
