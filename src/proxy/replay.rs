@@ -5,9 +5,12 @@
 //! pays: the head's fields are copied into one buffer of bytes, and a header map is made
 //! from it only for a replay. A `HeaderMap` clone made two allocations and took a reference
 //! on every value, and undid all of it when the request ended: about 1,000 instructions per
-//! request on the keep-alive path.
+//! request on the keep-alive path. The forwarding headers are not kept either: they are
+//! made again, the same, from the connection's client and the `Host` the client asked for.
 
 use super::body::ProxyBody;
+use super::headers::ClientAddress;
+use crate::config::ForwardingHeaders;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
@@ -17,34 +20,44 @@ use tokio::sync::SemaphorePermit;
 pub(super) struct Replay<'a> {
     method: Method,
     uri: Uri,
+    /// The head as it was before the forwarding headers were set.
     headers: KeptHeaders,
+    /// The `Host` the client asked for, for `X-Forwarded-Host`.
+    forwarded_host: Option<HeaderValue>,
     body: Bytes,
     /// Its share of `server.replay_memory`, given back with it (none for an empty body).
     _budget: Option<SemaphorePermit<'a>>,
 }
 
 impl<'a> Replay<'a> {
-    /// Keeps the head of a request that has no body.
-    pub(super) fn bodiless(parts: &http::request::Parts) -> Replay<'a> {
+    /// Keeps the head of a request that has no body: `parts` before the forwarding headers
+    /// are set, and the `Host` the client asked for.
+    pub(super) fn bodiless(
+        parts: &http::request::Parts,
+        forwarded_host: Option<HeaderValue>,
+    ) -> Replay<'a> {
         Replay {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             headers: KeptHeaders::new(&parts.headers),
+            forwarded_host,
             body: Bytes::new(),
             _budget: None,
         }
     }
 
-    /// Keeps the head of a request and its body `body`, which holds `budget`.
+    /// Keeps the head of a request (as [`Replay::bodiless`] does) and its body `body`, which
+    /// holds `budget`.
     pub(super) fn with_body(
         parts: &http::request::Parts,
+        forwarded_host: Option<HeaderValue>,
         body: Bytes,
         budget: SemaphorePermit<'a>,
     ) -> Replay<'a> {
         Replay {
             body,
             _budget: Some(budget),
-            ..Replay::bodiless(parts)
+            ..Replay::bodiless(parts, forwarded_host)
         }
     }
 
@@ -54,10 +67,17 @@ impl<'a> Replay<'a> {
         self.method.is_idempotent()
     }
 
-    /// Makes the request again, carrying `token`; `None` if its kept head cannot be read
-    /// back, which a head this module wrote never gives.
-    pub(super) fn request(&self, token: HeaderValue) -> Option<Request<ProxyBody>> {
-        let mut headers = self.headers.to_map(1)?;
+    /// Makes the request again, carrying `token`, with the forwarding headers in `set` made
+    /// for `client` as for the first sending; `None` if its kept head cannot be read back,
+    /// which a head this module wrote never gives.
+    pub(super) fn request(
+        &self,
+        token: HeaderValue,
+        client: &ClientAddress,
+        set: ForwardingHeaders,
+    ) -> Option<Request<ProxyBody>> {
+        let mut headers = self.headers.to_map(set.len() + 1)?;
+        client.set_forwarding_headers(&mut headers, self.forwarded_host.clone(), set);
         headers.insert(header::AUTHORIZATION, token);
         let mut request = Request::new(ProxyBody::full(self.body.clone()));
         *request.method_mut() = self.method.clone();

@@ -204,11 +204,6 @@ impl Proxy {
             let (mut parts, body) = request.into_parts();
             let asked = upgrade::requested(&parts.headers, &route.upgrades);
             rewrite(&mut parts, route, judged_path.as_deref())?;
-            client.0.address.set_forwarding_headers(
-                &mut parts.headers,
-                forwarded_host,
-                self.forwarding_headers,
-            );
             // The client's side of an upgrade never travels with the request; one that is not
             // allowed is dropped here, so hyper closes rather than hands the connection over.
             let on_upgrade = parts.extensions.remove::<OnUpgrade>();
@@ -219,15 +214,26 @@ impl Proxy {
                 }
                 None => None,
             };
-            // Keep a small body for a replay, or stream it.
+            // Keep a small body for a replay, or stream it. The head is kept without the
+            // forwarding headers: a replay makes them again from the same client, and most
+            // requests are never replayed.
             let socket = &client.0.conn.signals;
             let (body, replay) = match self.stream_or_budget(route, body, upgrade.is_none(), socket)
             {
-                Kept::Decided(body, replay) => (body, replay.then(|| Replay::bodiless(&parts))),
+                Kept::Decided(body, replay) => (
+                    body,
+                    replay.then(|| Replay::bodiless(&parts, forwarded_host.clone())),
+                ),
                 Kept::Keep(body, budget) => {
-                    Box::pin(self.keep(&parts, body, budget, socket.clone())).await?
+                    let host = forwarded_host.clone();
+                    Box::pin(self.keep(&parts, host, body, budget, socket.clone())).await?
                 }
             };
+            client.0.address.set_forwarding_headers(
+                &mut parts.headers,
+                forwarded_host,
+                self.forwarding_headers,
+            );
             parts.headers.insert(header::AUTHORIZATION, sent.clone());
             if self.access_log {
                 record.log_forward(&route.upstream_text, &sent, &route.account);
@@ -389,6 +395,7 @@ impl Proxy {
     async fn keep<'a>(
         &'a self,
         parts: &http::request::Parts,
+        forwarded_host: Option<HeaderValue>,
         body: Incoming,
         budget: SemaphorePermit<'a>,
         socket: Arc<SocketSignals>,
@@ -404,7 +411,7 @@ impl Proxy {
             None => ProxyError::ClientBody(error),
         })?
         .to_bytes();
-        let replay = Replay::with_body(parts, kept.clone(), budget);
+        let replay = Replay::with_body(parts, forwarded_host, kept.clone(), budget);
         Ok((ProxyBody::full(kept), Some(replay)))
     }
 
@@ -485,7 +492,7 @@ impl Proxy {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let Some(request) = replay
             .filter(|r| r.is_idempotent())
-            .and_then(|r| r.request(sent.clone()))
+            .and_then(|r| r.request(sent.clone(), &client.0.address, self.forwarding_headers))
         else {
             return Err(ProxyError::UpstreamDropped(error));
         };
@@ -518,7 +525,8 @@ impl Proxy {
             Ok(fresh) if fresh != sent => fresh,
             _ => return Ok((original, ReplayOutcome::NoToken)),
         };
-        let Some(request) = replay.request(fresh.clone()) else {
+        let again = replay.request(fresh.clone(), &client.0.address, self.forwarding_headers);
+        let Some(request) = again else {
             return Ok((original, ReplayOutcome::NotKept));
         };
         if let ProxyBody::Upstream(body) = original.into_body() {

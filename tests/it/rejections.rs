@@ -104,6 +104,52 @@ async fn a_replayed_request_is_the_refused_one_with_only_the_token_changed() {
 }
 
 #[tokio::test]
+async fn a_replay_from_a_trusted_proxy_extends_its_forwarding_headers_once() {
+    // The kept head has no forwarding headers of this hop: the replay makes them again.
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let proxy =
+        TestProxy::start(&stubs.config_with_server("trusted_proxies = [\"127.0.0.0/8\"]", "", ""))
+            .await
+            .ready()
+            .await;
+    assert_eq!(get(&proxy.url("/whoami")).await.status, StatusCode::OK);
+    let token = stubs.upstream.last().unwrap().headers[header::AUTHORIZATION].clone();
+    stubs.upstream.revoke(token);
+    let request = Request::get(proxy.url("/whoami"))
+        .header(header::HOST, "media.example")
+        .header("x-forwarded-for", "10.9.9.9")
+        .header("forwarded", "for=10.9.9.9")
+        .header("x-real-ip", "10.9.9.9")
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(&client(), request).await.status, StatusCode::OK);
+
+    let recent = stubs.upstream.recent();
+    let [.., refused, replayed] = &recent[..] else {
+        panic!("the upstream saw {} requests", recent.len());
+    };
+    assert_eq!(refused.verdict, Err(ErrorCode::AccessTokenExpired));
+    assert!(replayed.verdict.is_ok(), "{:?}", replayed.verdict);
+    for seen in [refused, replayed] {
+        let h = &seen.headers;
+        assert_eq!(h["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
+        assert_eq!(h["forwarded"], "for=10.9.9.9, for=127.0.0.1;proto=http");
+        assert_eq!(h["x-real-ip"], "10.9.9.9");
+        assert_eq!(h["x-forwarded-host"], "media.example");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+    let fields = |seen: &mosaic_auth_proxy::stub::upstream::Seen| {
+        seen.headers
+            .iter()
+            .filter(|(name, _)| *name != header::AUTHORIZATION)
+            .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(fields(replayed), fields(refused));
+}
+
+#[tokio::test]
 async fn a_late_rejection_of_an_old_token_keeps_the_newer_one() {
     let h = harness(StubSettings::default()).await;
     let old = current_token(&h).await;
