@@ -288,10 +288,9 @@ impl App {
         if let Some(limit) = wait_ready {
             let deadline = tokio::time::Instant::now() + limit;
             for account in live.accounts().iter() {
-                let mut stop = shutdown.clone();
                 let ready = tokio::select! {
                     ready = account.wait_ready(deadline) => ready,
-                    () = stop.wait() => {
+                    () = shutdown.wait() => {
                         tracing::info!("stopped before every account held a token");
                         tasks.abort_all();
                         return Ok(());
@@ -421,12 +420,7 @@ async fn serve_worker(
 /// Reads the listener's certificate files every `every` and serves the new ones once they
 /// change and make a valid configuration (cert-manager and mounted Secrets rotate them in
 /// place); a broken set is reported and the one in use kept.
-async fn reload_tls(
-    config: TlsConfig,
-    files: ListenerTls,
-    every: Duration,
-    mut shutdown: Shutdown,
-) {
+async fn reload_tls(config: TlsConfig, files: ListenerTls, every: Duration, shutdown: Shutdown) {
     let read = |files: &ListenerTls| {
         let paths = [
             Some(&files.cert_file),

@@ -57,7 +57,7 @@ pub async fn keep_fresh(
     account: Arc<Account>,
     source: impl TokenSource,
     policies: Policies,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     loop {
         account.begin_request();
@@ -79,7 +79,7 @@ pub async fn keep_fresh(
 
 /// Watches a file secret for rotation (including the Kubernetes `..data` symlink swap,
 /// which changes the content behind an unchanged path) by reading it every `every`.
-pub async fn watch_secret_file(account: Arc<Account>, every: Duration, mut shutdown: Shutdown) {
+pub async fn watch_secret_file(account: Arc<Account>, every: Duration, shutdown: Shutdown) {
     let mut last_error: Option<String> = None;
     loop {
         tokio::select! {

@@ -141,9 +141,8 @@ async fn splice(
         }
     };
     // At shutdown a tunnel carries on for the grace period, then is closed both ways.
-    let mut shutdown = tunnel.conn.draining.shutdown.clone();
     let drained = async {
-        shutdown.wait().await;
+        tunnel.conn.draining.shutdown.wait().await;
         tokio::time::sleep(tunnel.conn.draining.grace).await;
     };
     let peer = tunnel.conn.peer();

@@ -115,8 +115,7 @@ where
     let mut refused = Throttle::default();
     let mut accept_failed = Throttle::default();
     // One wait for the whole loop, not one made and registered anew per connection.
-    let mut stopping = shutdown.clone();
-    let mut stop = std::pin::pin!(stopping.wait());
+    let mut stop = std::pin::pin!(shutdown.wait());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -251,7 +250,7 @@ async fn drive<S>(
     S: Served,
 {
     let peer = client.peer();
-    let (mut shutdown, grace) = (client.draining.shutdown.clone(), client.draining.grace);
+    let grace = client.draining.grace;
     let mut watchdog = Watchdog::new(timeouts, accepted);
     // Not a timer firing now to ask: that took a turn of the loop and made tokio wake its
     // driver (a write to its eventfd) for every new connection.
@@ -259,7 +258,7 @@ async fn drive<S>(
     // Once a graceful close has begun: when the connection is dropped regardless.
     let mut closing: Option<Instant> = None;
     let side = SideWaker::default();
-    let mut shutdown_signal = std::pin::pin!(shutdown.wait());
+    let mut shutdown_signal = std::pin::pin!(client.draining.shutdown.wait());
     let mut calm = std::pin::pin!(client.calm_requested());
     let mut timer = std::pin::pin!(tokio::time::sleep_until(next));
     loop {
