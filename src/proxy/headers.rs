@@ -41,7 +41,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection` first (index 0): the names it lists are removed by reference to its
     // values, taken out of the map (a clone of each is a reference count). Most values name
     // no header (`close`, which a client that opens a connection per request sends with
-    // each, or `keep-alive`), and those are not kept: no allocation, no lookup.
+    // each, or `keep-alive`), and those are not kept: no allocation, no lookup. (Not
+    // `entry`, which would look it up once but makes room for an insert first: a map just
+    // parsed is full, and it grew for it.)
     if present[0] {
         let naming: Vec<HeaderValue> = headers
             .get_all(header::CONNECTION)
@@ -51,7 +53,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .collect();
         headers.remove(header::CONNECTION);
         for name in naming.iter().flat_map(connection_options) {
-            headers.remove(name);
+            // Looked up as it is, without making a name (an allocation for most).
+            if let Ok(name) = std::str::from_utf8(name) {
+                headers.remove(name);
+            }
         }
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
@@ -63,16 +68,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The header names a `Connection` value lists, other than the options `close` (RFC 9110
 /// reserves it as a field name) and `keep-alive` (removed as a hop-by-hop header anyway).
-fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &str> {
+/// Read as bytes: the names are tokens, and the common values are these two options alone.
+fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
     value
-        .to_str()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
+        .as_bytes()
+        .split(|&byte| byte == b',')
+        .map(<[u8]>::trim_ascii)
         .filter(|name| {
             !name.is_empty()
-                && !name.eq_ignore_ascii_case("close")
-                && !name.eq_ignore_ascii_case("keep-alive")
+                && !name.eq_ignore_ascii_case(b"close")
+                && !name.eq_ignore_ascii_case(b"keep-alive")
         })
 }
 
@@ -363,6 +368,41 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn a_connection_value_with_a_name_that_is_not_a_token_still_removes_the_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_bytes(b"caf\xe9, X-Hop,,\tx-other-hop ").unwrap(),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-other-hop", HeaderValue::from_static("2"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn removing_connection_from_a_full_map_does_not_grow_it() {
+        // As hyper makes it: room for the fields parsed, no more.
+        let mut h = HeaderMap::with_capacity(2);
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut i = 0;
+        while h.len() < h.capacity() {
+            h.insert(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+            i += 1;
+        }
+        let room = h.capacity();
+        remove_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::CONNECTION));
+        assert_eq!(h.capacity(), room);
     }
 
     #[test]
