@@ -539,6 +539,16 @@ mod tests {
         socket2::SockRef::from(tcp).tcp_quickack().unwrap()
     }
 
+    /// Makes Linux delay the socket's acknowledgements, as it does again once a keep-alive
+    /// connection has had an exchange.
+    #[cfg(target_os = "linux")]
+    fn delay_acks(socket: &ClientSocket) {
+        let Transport::Plain(tcp) = &socket.stream else {
+            unreachable!("plain TCP");
+        };
+        socket2::SockRef::from(tcp).set_tcp_quickack(false).unwrap();
+    }
+
     /// A waker that counts how often it was woken.
     #[derive(Default)]
     struct Counting(std::sync::atomic::AtomicUsize);
@@ -585,12 +595,7 @@ mod tests {
         socket.read_exact(&mut vec![0; head.len()]).await.unwrap();
 
         for request in 1..=2 {
-            // Linux delays acknowledgements again once a keep-alive connection has had an
-            // exchange; here that is done by hand.
-            let Transport::Plain(tcp) = &socket.stream else {
-                unreachable!("plain TCP");
-            };
-            socket2::SockRef::from(tcp).set_tcp_quickack(false).unwrap();
+            delay_acks(&socket);
             signals.body_to_come();
             // Reads that find nothing leave the acknowledgement to the answer...
             assert_eq!(read_once(&mut socket, &waker), None);
@@ -609,10 +614,7 @@ mod tests {
         }
         // A request without a body: reads that find nothing neither wait for one nor
         // acknowledge.
-        let Transport::Plain(tcp) = &socket.stream else {
-            unreachable!("plain TCP");
-        };
-        socket2::SockRef::from(tcp).set_tcp_quickack(false).unwrap();
+        delay_acks(&socket);
         assert_eq!(read_once(&mut socket, &waker), None);
         assert!(!acks_at_once(&socket));
     }

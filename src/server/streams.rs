@@ -136,8 +136,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_connection_is_done_only_once_the_streams_it_handed_over_have_ended() {
+    /// A stream that ends once `open` is sent, and then says so in `ended`.
+    fn gated() -> (oneshot::Sender<()>, Arc<AtomicBool>, StreamFuture) {
         let (open, gate) = oneshot::channel::<()>();
         let ended = Arc::new(AtomicBool::new(false));
         let stream = {
@@ -147,6 +147,12 @@ mod tests {
                 ended.store(true, Ordering::SeqCst);
             })
         };
+        (open, ended, stream)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_done_only_once_the_streams_it_handed_over_have_ended() {
+        let (open, ended, stream) = gated();
         let mut streams = Streams::default();
         let mut done = None;
         let mut polls = 0;
@@ -170,15 +176,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_that_panics_ends_alone() {
-        let (open, gate) = oneshot::channel::<()>();
-        let ended = Arc::new(AtomicBool::new(false));
-        let other = {
-            let ended = ended.clone();
-            Box::pin(async move {
-                gate.await.unwrap();
-                ended.store(true, Ordering::SeqCst);
-            }) as StreamFuture
-        };
+        let (open, ended, other) = gated();
         let panicking = Box::pin(async { panic!("a bug in a stream") }) as StreamFuture;
         let mut streams = Streams::default();
         let mut done = None;

@@ -168,16 +168,11 @@ async fn shutdown_lets_an_http2_stream_in_flight_finish() {
     let text = stubs
         .config("", "")
         .replace("[server]", "[server]\nshutdown_grace = \"10s\"");
-    let config = mosaic_auth_proxy::Config::parse(&text, &env).unwrap();
-    let app = mosaic_auth_proxy::App::bind(config).await.unwrap();
-    let addr = app.local_addr();
-    let accounts = app.accounts();
-    let (trigger, signal) = mosaic_auth_proxy::shutdown::channel();
-    let running = tokio::spawn(app.run(signal));
-    accounts[0]
-        .header_or_wait(Duration::from_secs(5))
-        .await
-        .unwrap();
+    let Stoppable {
+        addr,
+        trigger,
+        running,
+    } = start_stoppable(&text).await;
     let mut sender = h2_connection(addr).await;
     // Held by the upstream until a second request comes.
     stubs.upstream.hold_until(2);
@@ -446,16 +441,12 @@ async fn shutdown_waits_for_requests_in_flight_only_as_long_as_the_grace_period(
         + &format!(
             "[[routes]]\npath_prefix = \"/silent\"\nupstream = \"http://{silent_addr}\"\naccount = \"main\"\n"
         );
-    let config = mosaic_auth_proxy::Config::parse(&text, &env).unwrap();
-    let app = mosaic_auth_proxy::App::bind(config).await.unwrap();
-    let url = format!("http://{}/silent/x", app.local_addr());
-    let accounts = app.accounts();
-    let (trigger, signal) = mosaic_auth_proxy::shutdown::channel();
-    let running = tokio::spawn(app.run(signal));
-    accounts[0]
-        .header_or_wait(Duration::from_secs(5))
-        .await
-        .unwrap();
+    let Stoppable {
+        addr,
+        trigger,
+        running,
+    } = start_stoppable(&text).await;
+    let url = format!("http://{addr}/silent/x");
     let in_flight = tokio::spawn(async move {
         client()
             .request(Request::get(url).body(empty()).unwrap())

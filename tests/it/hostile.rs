@@ -753,12 +753,11 @@ async fn an_upgraded_tunnel_is_part_of_the_drain_and_closed_when_the_grace_perio
     let text = stubs
         .config("", &raw_route(&upstream))
         .replace("[server]", "[server]\nshutdown_grace = \"300ms\"");
-    let config = mosaic_auth_proxy::Config::parse(&text, &env).unwrap();
-    let app = mosaic_auth_proxy::App::bind(config).await.unwrap();
-    let (addr, accounts) = (app.local_addr(), app.accounts());
-    let (trigger, signal) = mosaic_auth_proxy::shutdown::channel();
-    let running = tokio::spawn(app.run(signal));
-    accounts[0].header_or_wait(PATIENCE).await.unwrap();
+    let Stoppable {
+        addr,
+        trigger,
+        running,
+    } = start_stoppable(&text).await;
 
     let mut tunnel = TcpStream::connect(addr).await.unwrap();
     tunnel

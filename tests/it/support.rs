@@ -194,6 +194,33 @@ impl Drop for TestProxy {
     }
 }
 
+/// A proxy whose shutdown the test triggers and whose end it waits for.
+pub struct Stoppable {
+    pub addr: SocketAddr,
+    pub trigger: ShutdownTrigger,
+    /// Ends when the proxy has stopped.
+    pub running: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a proxy from `config_text` and waits (bounded) until its first account holds a
+/// token.
+pub async fn start_stoppable(config_text: &str) -> Stoppable {
+    let config = Config::parse(config_text, &env).expect("the test configuration is valid");
+    let app = App::bind(config).await.expect("the proxy binds");
+    let (addr, accounts) = (app.local_addr(), app.accounts());
+    let (trigger, signal) = shutdown::channel();
+    let running = tokio::spawn(app.run(signal));
+    accounts[0]
+        .header_or_wait(Duration::from_secs(5))
+        .await
+        .expect("the first token arrives");
+    Stoppable {
+        addr,
+        trigger,
+        running,
+    }
+}
+
 /// The stand-ins and a proxy in front of them.
 pub struct Harness {
     pub stubs: Stubs,
