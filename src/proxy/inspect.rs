@@ -70,22 +70,28 @@ pub async fn inspect_body(response: Response<UpstreamBody>) -> Result<Inspected,
 }
 
 fn may_be_rejection(response: &Response<UpstreamBody>) -> bool {
+    // Each test only where the ones before it passed: most answers are told apart by their
+    // status or their type, and need no further lookup.
     let headers = response.headers();
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let ct = ct.trim_start();
-            ct.starts_with("application/json")
-                || ct.starts_with("application/graphql-response+json")
-        });
-    let small = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n <= INSPECT_LIMIT);
+    let json = || {
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                let ct = ct.trim_start();
+                ct.starts_with("application/json")
+                    || ct.starts_with("application/graphql-response+json")
+            })
+    };
+    let small = || {
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= INSPECT_LIMIT)
+    };
     response.status() == StatusCode::OK
-        && json
-        && small
+        && json()
+        && small()
         && !headers.contains_key(header::CONTENT_ENCODING)
 }

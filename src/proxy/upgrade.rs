@@ -21,17 +21,19 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4403;
 
 /// Returns the protocol a request asks to upgrade to (`Connection: upgrade` and one
 /// `Upgrade` protocol), if it asks and `allowed` (lower-case names) holds it.
+/// `Upgrade` is looked up first: most requests carry none, and need no second lookup.
 pub fn requested(headers: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+    let mut offered = headers.get_all(header::UPGRADE).iter();
+    let protocol = offered.next().filter(|_| offered.next().is_none())?;
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    let mut offered = headers.get_all(header::UPGRADE).iter();
-    let protocol = offered
-        .next()
-        .filter(|_| asks && offered.next().is_none())?;
+    if !asks {
+        return None;
+    }
     let name = protocol.to_str().ok()?.trim();
     allowed
         .iter()
@@ -325,6 +327,9 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        assert!(requested(&h, &allowed).is_none());
+        assert!(requested(&h, &allowed).is_none(), "not asked in Connection");
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.remove(header::UPGRADE);
+        assert!(requested(&h, &allowed).is_none(), "no protocol offered");
     }
 }
