@@ -5,7 +5,7 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::upstream::UpstreamBody;
 use crate::mosaic;
-use http::{header, Response, StatusCode};
+use http::{header, HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 /// The largest answer read to look for a rejection; Mosaic's error replies are far smaller.
@@ -47,7 +47,7 @@ pub fn inspect_head(response: Response<UpstreamBody>) -> Head {
             "HTTP_401".to_owned(),
         ));
     }
-    if !may_be_rejection(&response) {
+    if !may_be_rejection(response.status(), response.headers()) {
         return Head::Judged(Inspected::Pass(response.map(ProxyBody::Upstream)));
     }
     Head::ReadBody(response)
@@ -69,10 +69,10 @@ pub async fn inspect_body(response: Response<UpstreamBody>) -> Result<Inspected,
     })
 }
 
-fn may_be_rejection(response: &Response<UpstreamBody>) -> bool {
-    // Each test only where the ones before it passed: most answers are told apart by their
-    // status or their type, and need no further lookup.
-    let headers = response.headers();
+/// Whether an answer's head leaves it possibly a Mosaic rejection: status 200, JSON, a
+/// `Content-Length` within [`INSPECT_LIMIT`], not compressed. Each test is made only where
+/// the ones before it passed: most answers are told apart by their status or their type.
+fn may_be_rejection(status: StatusCode, headers: &HeaderMap) -> bool {
     let json = || {
         headers
             .get(header::CONTENT_TYPE)
@@ -90,8 +90,55 @@ fn may_be_rejection(response: &Response<UpstreamBody>) -> bool {
             .and_then(|v| v.parse::<u64>().ok())
             .is_some_and(|n| n <= INSPECT_LIMIT)
     };
-    response.status() == StatusCode::OK
-        && json()
-        && small()
-        && !headers.contains_key(header::CONTENT_ENCODING)
+    status == StatusCode::OK && json() && small() && !headers.contains_key(header::CONTENT_ENCODING)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in fields {
+            headers.append(*name, value.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn only_small_uncompressed_json_answers_with_status_200_are_read() {
+        let ok = StatusCode::OK;
+        let json = ("content-type", "application/json; charset=utf-8");
+        let small = ("content-length", "120");
+        let read = |status, fields: &[_]| may_be_rejection(status, &head(fields));
+        assert!(read(ok, &[json, small]));
+        assert!(read(
+            ok,
+            &[
+                ("content-type", " application/graphql-response+json"),
+                small
+            ]
+        ));
+        assert!(
+            read(ok, &[json, ("content-length", "16384")]),
+            "at the limit"
+        );
+
+        assert!(!read(StatusCode::BAD_REQUEST, &[json, small]), "not a 200");
+        assert!(
+            !read(ok, &[("content-type", "text/plain"), small]),
+            "not JSON"
+        );
+        assert!(!read(ok, &[small]), "no type");
+        assert!(!read(ok, &[json]), "no length (chunked)");
+        assert!(!read(ok, &[json, ("content-length", "16385")]), "too large");
+        assert!(
+            !read(ok, &[json, ("content-length", "12x")]),
+            "not a length"
+        );
+        assert!(
+            !read(ok, &[json, small, ("content-encoding", "gzip")]),
+            "compressed"
+        );
+    }
 }
