@@ -25,7 +25,7 @@
 //! another connection. One that was written is not sent again here: the pool tells the
 //! caller, which may send an idempotent request once more ([`SendError::Dropped`]).
 
-use super::body::ProxyBody;
+use super::body::RequestBody;
 use super::upstream::Budget;
 use crate::BoxError;
 use arc_swap::ArcSwap;
@@ -99,7 +99,7 @@ pub struct Pool {
     /// The idle connections of each worker, and last those of every other thread.
     idle: Box<[Mutex<Vec<Idle>>]>,
     /// Each worker's HTTP/2 connection, once it has one (and last every other thread's).
-    h2: Box<[Mutex<Option<http2::SendRequest<ProxyBody>>>]>,
+    h2: Box<[Mutex<Option<http2::SendRequest<RequestBody>>>]>,
     /// Held while a thread's h2c connection is being opened, so that one is.
     h2_connecting: Box<[tokio::sync::Mutex<()>]>,
     /// Told when a connection is given back.
@@ -108,7 +108,7 @@ pub struct Pool {
 }
 
 struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
+    sender: http1::SendRequest<RequestBody>,
     lease: Lease,
     /// Reused only before this.
     until: Instant,
@@ -117,14 +117,14 @@ struct Idle {
 /// A connection a request holds.
 enum Conn {
     H1 {
-        sender: http1::SendRequest<ProxyBody>,
+        sender: http1::SendRequest<RequestBody>,
         /// Its lease, if it has answered before (`None`: new, driven by this thread).
         kept: Option<Lease>,
         /// The pool's era when it was opened.
         era: u16,
     },
     H2 {
-        sender: http2::SendRequest<ProxyBody>,
+        sender: http2::SendRequest<RequestBody>,
         reused: bool,
     },
 }
@@ -197,7 +197,7 @@ impl Pool {
     /// connection (unless the budget is spent and one is given back).
     pub fn send(
         self: &Arc<Self>,
-        request: Request<ProxyBody>,
+        request: Request<RequestBody>,
         new_connection: bool,
         now: Instant,
     ) -> Sending {
@@ -210,7 +210,7 @@ impl Pool {
     #[allow(clippy::manual_async_fn)]
     fn exchange(
         self: Arc<Self>,
-        mut request: Request<ProxyBody>,
+        mut request: Request<RequestBody>,
         new_connection: bool,
         now: Instant,
     ) -> impl Future<Output = Result<Sent, SendError>> + Send {
@@ -294,7 +294,7 @@ impl Pool {
     }
 
     /// Gives the request the absolute target HTTP/2 needs; `:authority` stands for `Host`.
-    fn to_h2(&self, request: &mut Request<ProxyBody>) {
+    fn to_h2(&self, request: &mut Request<RequestBody>) {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
@@ -306,7 +306,7 @@ impl Pool {
     }
 
     /// Returns this thread's HTTP/2 connection, if it has one open.
-    fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+    fn ready_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
         // Only `h2c`, or `https` by ALPN, can have one.
         if !self.h2c && self.scheme != Scheme::HTTPS {
             return None;
@@ -371,7 +371,7 @@ impl Pool {
         None
     }
 
-    fn give_back(self: &Arc<Self>, sender: http1::SendRequest<ProxyBody>, lease: Lease) {
+    fn give_back(self: &Arc<Self>, sender: http1::SendRequest<RequestBody>, lease: Lease) {
         let home = usize::from(lease.home).min(self.idle.len() - 1);
         let keep_for = lease.keep_for();
         if keep_for.is_zero() || sender.is_closed() {
@@ -519,7 +519,7 @@ fn spawn_reaper(pool: Weak<Pool>) {
 
 /// An HTTP/1.1 connection that carried a request whose answer is still being read.
 pub struct Pooled {
-    sender: http1::SendRequest<ProxyBody>,
+    sender: http1::SendRequest<RequestBody>,
     lease: Lease,
     pool: Arc<Pool>,
 }
@@ -684,7 +684,9 @@ mod tests {
     async fn h2c_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         counting_listener(|tcp| async move {
             let service = hyper::service::service_fn(|_| async {
-                Ok::<_, std::convert::Infallible>(http::Response::new(ProxyBody::full("ok")))
+                Ok::<_, std::convert::Infallible>(http::Response::new(
+                    crate::proxy::ProxyBody::full("ok"),
+                ))
             });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
@@ -777,7 +779,7 @@ mod tests {
         let request = Request::builder()
             .uri("/")
             .header(header::HOST, "upstream")
-            .body(ProxyBody::full(""))
+            .body(RequestBody::EMPTY)
             .unwrap();
         let (response, conn) = pool.send(request, false, Instant::now()).await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
@@ -988,7 +990,7 @@ mod tests {
         let request = Request::builder()
             .uri("/")
             .header(header::HOST, "upstream")
-            .body(ProxyBody::full(""))
+            .body(RequestBody::EMPTY)
             .unwrap();
         let sent = tokio::time::timeout(
             Duration::from_secs(5),

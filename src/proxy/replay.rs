@@ -8,7 +8,7 @@
 //! request on the keep-alive path. The forwarding headers are not kept either: they are
 //! made again, the same, from the connection's client and the `Host` the client asked for.
 
-use super::body::ProxyBody;
+use super::body::RequestBody;
 use super::headers::ClientAddress;
 use crate::config::ForwardingHeaders;
 use bytes::Bytes;
@@ -75,11 +75,11 @@ impl<'a> Replay<'a> {
         token: HeaderValue,
         client: &ClientAddress,
         set: ForwardingHeaders,
-    ) -> Option<Request<ProxyBody>> {
+    ) -> Option<Request<RequestBody>> {
         let mut headers = self.headers.to_map(set.len() + 1)?;
         client.set_forwarding_headers(&mut headers, self.forwarded_host.clone(), set);
         headers.insert(header::AUTHORIZATION, token);
-        let mut request = Request::new(ProxyBody::full(self.body.clone()));
+        let mut request = Request::new(RequestBody::Full(self.body.clone()));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = headers;

@@ -1,6 +1,6 @@
 //! The hyper service of the proxy: one struct, the request phases as plain functions.
 
-use super::body::{body_timeout_in, BodyPace, Metered, ProxyBody, TimedBody};
+use super::body::{body_timeout_in, BodyPace, Metered, ProxyBody, RequestBody, TimedBody};
 use super::error::{Fault, ProxyError};
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
 use super::inspect::{inspect, inspect_body, inspect_head, Head, Inspected};
@@ -67,7 +67,7 @@ struct Picked<'a> {
 /// How a request body travels: decided at once, or to be read and kept first.
 enum Kept<'a> {
     /// Streamed (or empty); `true` if the request can be replayed from its head alone.
-    Decided(ProxyBody, bool),
+    Decided(RequestBody, bool),
     /// Small enough to keep, its share of `server.replay_memory` taken.
     Keep(Incoming, SemaphorePermit<'a>),
 }
@@ -377,11 +377,11 @@ impl Proxy {
             .flatten();
         match budget {
             // Nothing to keep: a replay needs only the head.
-            Some(None) => Kept::Decided(ProxyBody::Streamed(body), true),
+            Some(None) => Kept::Decided(RequestBody::EMPTY, true),
             Some(Some(budget)) => Kept::Keep(body, budget),
-            None if body.is_end_stream() => Kept::Decided(ProxyBody::Streamed(body), false),
+            None if body.is_end_stream() => Kept::Decided(RequestBody::EMPTY, false),
             None => Kept::Decided(
-                ProxyBody::Timed(Box::new(TimedBody::new(
+                RequestBody::Timed(Box::new(TimedBody::new(
                     body,
                     self.body_pace,
                     Some(socket.clone()),
@@ -399,7 +399,7 @@ impl Proxy {
         body: Incoming,
         budget: SemaphorePermit<'a>,
         socket: Arc<SocketSignals>,
-    ) -> Result<(ProxyBody, Option<Replay<'a>>), ProxyError> {
+    ) -> Result<(RequestBody, Option<Replay<'a>>), ProxyError> {
         let kept = Limited::new(
             TimedBody::new(body, self.body_pace, Some(socket)),
             self.replay_body_limit as usize,
@@ -412,7 +412,7 @@ impl Proxy {
         })?
         .to_bytes();
         let replay = Replay::with_body(parts, forwarded_host, kept.clone(), budget);
-        Ok((ProxyBody::full(kept), Some(replay)))
+        Ok((RequestBody::Full(kept), Some(replay)))
     }
 
     /// Takes the share of `server.replay_memory` a request body needs to be kept: `None`
@@ -442,7 +442,7 @@ impl Proxy {
     fn forward<'a>(
         &'a self,
         route: &'a Route,
-        request: Request<ProxyBody>,
+        request: Request<RequestBody>,
         client: &'a ProxyService,
         new_connection: bool,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + 'a {
