@@ -208,6 +208,11 @@ impl RouteTable {
         self.routes.iter().find(|r| r.matches(host, path))
     }
 
+    /// Tells whether some route names a host, so that finding a route reads the request's.
+    pub fn by_host(&self) -> bool {
+        self.by_host
+    }
+
     /// Tells whether some route names `host` explicitly (port and case ignored).
     pub fn names_host(&self, host: &str) -> bool {
         let host = strip_port(host);

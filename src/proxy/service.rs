@@ -309,12 +309,18 @@ impl Proxy {
             return Err(ProxyError::UriTooLong);
         }
         let host_header = checked_host(request)?;
-        let host = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| host_header.and_then(|h| h.to_str().ok()));
         let absolute_form = request.version() < Version::HTTP_2 && request.uri().scheme().is_some();
+        // The host as text, only where it is read: by routes that name hosts, and to check an
+        // absolute-form target's (a check of every byte of the field).
+        let host = (self.routes.by_host() || absolute_form)
+            .then(|| {
+                request
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| host_header.and_then(|h| h.to_str().ok()))
+            })
+            .flatten();
         if absolute_form && !host.is_some_and(|h| self.routes.names_host(h)) {
             return Err(ProxyError::ForeignHost);
         }
