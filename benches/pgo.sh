@@ -11,8 +11,45 @@
 # lose its guidance (they are compiled as without a profile; nothing breaks). Needs what
 # compare.sh needs, and llvm-profdata of rustc's LLVM version (rustup component add
 # llvm-tools, or apt-get install llvm-<N>).
+#
+#   benches/pgo.sh --check    # is the profile still the binary's? (CI runs this)
+#
+# The check fails where the profile no longer fits what it is compiled into: the compiler,
+# Cargo.lock or Cargo.toml differ from those it was trained with (pgo/x86_64-linux.inputs;
+# each changes every symbol's name, so no function would find its counts), or LLVM reports a
+# function whose code changed since the training ("hash mismatch") in a clean release build
+# of the proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+inputs() {
+  rustc -vV | sed -n 's/^release: /rustc /p; s/^LLVM version: /llvm /p'
+  sha256sum Cargo.lock Cargo.toml
+}
+
+if [[ ${1:-} == --check ]]; then
+  [[ $(uname -m)-$(uname -s) == x86_64-Linux ]] || { echo "pgo: no profile for this host; nothing to check" >&2; exit 0; }
+  if ! diff <(inputs) pgo/x86_64-linux.inputs >&2; then
+    echo "pgo: the profile was trained with other inputs (above: < now, > then); retrain it with benches/pgo.sh and commit pgo/" >&2
+    exit 1
+  fi
+  # Only this crate is rebuilt: LLVM's warnings about the dependencies' code are not shown by
+  # cargo, and their sources cannot change under the same Cargo.lock.
+  touch src/lib.rs src/main.rs
+  log=$(mktemp)
+  trap 'rm -f "$log"' EXIT
+  cargo build --release --locked --bin mosaic-auth-proxy 2>&1 | tee "$log" >&2
+  if grep -q 'hash mismatch' "$log"; then
+    demangle=cat
+    command -v c++filt >/dev/null && demangle=c++filt
+    grep -o 'hash mismatch) [^ ]*' "$log" | sed 's/^hash mismatch) //' | sort -u | "$demangle" \
+      | sed 's/^/pgo: changed since the training: /' >&2
+    echo "pgo: functions above changed since the profile was trained; retrain it with benches/pgo.sh and commit pgo/" >&2
+    exit 1
+  fi
+  echo "pgo: the profile fits this tree" >&2
+  exit 0
+fi
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
@@ -48,6 +85,7 @@ raw=("$WORK"/run/*.profraw)
 # a profile rather than as cold.
 rm -f pgo/x86_64-linux.llvm*.profdata
 "$profdata" merge --sparse -o "pgo/x86_64-linux.llvm$llvm.profdata" "${raw[@]}"
+inputs >pgo/x86_64-linux.inputs
 "$profdata" show "pgo/x86_64-linux.llvm$llvm.profdata" | sed -n 's/^Total functions:/pgo: functions counted:/p' >&2
 
 # Cargo does not see the profile change: rebuild everything optimized with it.

@@ -112,7 +112,8 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         lifetime: Duration,
         /// An account as CLIENT_ID:CLIENT_SECRET[:SERVICE=PERMISSION,...]; repeat for more
-        /// (default demo-client:demo-secret with media-service=ADMIN).
+        /// (default demo-client:demo-secret with media-service=ADMIN). Other users of the host
+        /// can read a command line: give secrets that matter in --accounts-file.
         #[arg(long = "account", value_parser = parse_account)]
         accounts: Vec<StubAccount>,
         /// A TOML file of accounts ([[accounts]] with client_id, client_secret or
