@@ -44,86 +44,13 @@ for p in $PROXIES; do
   esac
 done
 
-if [[ -z ${BIN:-} ]]; then
-  cargo build --release --locked --quiet
-  BIN=$PWD/target/release/mosaic-auth-proxy
-fi
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  [[ -n ${KEEP:-} ]] || rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-# A port free together with the one above it (nginx and haproxy take both), below the
-# ephemeral range, so that the churn scenario's client sockets cannot be holding either.
-free_port() {
-  python3 - <<'PY'
-import random, socket
-low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-top = low - 1 if low > 11000 else 65534  # a low ephemeral range leaves no room below it
-for _ in range(1000):
-    port = random.randrange(10000, top)
-    try:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", port))
-            b.bind(("127.0.0.1", port + 1))
-    except OSError:
-        continue
-    print(port)
-    break
-else:
-    raise SystemExit("no two free ports below the ephemeral range")
-PY
-}
-wait_port() {
-  for _ in $(seq 1 100); do
-    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
-
-# The upstream: nginx on CPU 0 answering from memory.
-UP=$(free_port)
-mkdir -p "$WORK/up"
-head -c 100 /dev/zero | tr '\0' x > "$WORK/up/small"
-head -c 1048576 /dev/zero | tr '\0' x > "$WORK/up/big"
-cat > "$WORK/up.conf" <<EOF
-daemon off; worker_processes 1; pid $WORK/up.pid; error_log $WORK/up.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
-  server { listen 127.0.0.1:$UP; root $WORK/up;
-    location = /big { default_type application/octet-stream; }
-    location / { default_type text/plain; try_files /small =404; } } }
-EOF
-taskset -c "$LOAD_CPU" nginx -c "$WORK/up.conf" -p "$WORK" 2>/dev/null & PIDS+=($!)
-wait_port "$UP"
-
-# The token: this proxy's identity stand-in, asked once by the token command.
-ID=$(free_port)
-taskset -c "$LOAD_CPU" "$BIN" identity-stub --listen "127.0.0.1:$ID" --lifetime 1h >/dev/null 2>&1 & PIDS+=($!)
-wait_port "$ID"
-
-config_ours() { # port h2port
-  cat > "$WORK/ours.toml" <<EOF
-[server]
-listen = "127.0.0.1:$1"
-workers = 1
-[identity]
-origin = "http://127.0.0.1:$ID"
-[accounts.bench]
-client_id = "demo-client"
-client_secret_env = "BENCH_SECRET"
-[[routes]]
-upstream = "http://127.0.0.1:$UP"
-account = "bench"
-EOF
-}
-config_ours 0 0
+. benches/loopback.sh
+begin compare
+# The upstream (nginx on CPU 0 answering from memory) and the token, which this proxy's
+# identity stand-in hands to the token command once.
+start_upstream
+start_identity
+config_ours 0
 TOKEN=$(BENCH_SECRET=demo-secret "$BIN" token bench --config "$WORK/ours.toml")
 
 # start_proxy NAME PORT: runs the proxy pinned to the proxy CPU; sets PROXY_PID.

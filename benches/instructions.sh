@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Instructions per request, counted under callgrind: the work of the proxy's whole process,
+# which repeats to the instruction for the same binary and load whatever else the machine is
+# doing, where timings move by 10-20 % from run to run. The proxy runs with one worker against
+# the upstream and identity stand-in of compare.sh; the count starts after a warm-up and
+# covers exactly N requests of one shape:
+#   keepalive  GET, 100-byte answer, $CONNECTIONS keep-alive connections (64; h2load --h1)
+#   churn      the same with a new connection per request, 8 at a time
+#   h2         h2c in, HTTP/1.1 out, 8 connections x 8 streams
+#
+#   benches/instructions.sh                          # the three, 20,000 requests each (about 30 s)
+#   SHAPES=keepalive N=50000 benches/instructions.sh
+#   TOP=12 benches/instructions.sh                   # and the 12 functions that cost the most
+#   BIN=path/to/mosaic-auth-proxy benches/instructions.sh   # that binary instead of a release build
+#
+# A function's own cost is what was not inlined into its caller: with fat LTO and the trained
+# profile, most of the request path is counted in a handful of functions. Names come from the
+# release binary's symbol table. Line attribution needs debug info, and a build with it
+# (CARGO_PROFILE_RELEASE_DEBUG=line-tables-only) gets other symbol names, which the trained
+# profile does not match: it counts about 40 % more, so compare such builds only with each
+# other. Needs valgrind, h2load (apt-get install valgrind nghttp2-client) and nginx.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SHAPES=${SHAPES:-"keepalive churn h2"}
+N=${N:-20000}
+CONNECTIONS=${CONNECTIONS:-64}
+TOP=${TOP:-0}
+[[ $N =~ ^[1-9][0-9]{2,6}$ ]] || { echo "N must be a number of requests, 100 to 9999999" >&2; exit 1; }
+[[ $CONNECTIONS =~ ^[1-9][0-9]{0,3}$ ]] || { echo "CONNECTIONS must be 1 to 9999" >&2; exit 1; }
+[[ $TOP =~ ^[0-9]{1,3}$ ]] || { echo "TOP must be a number of functions, 0 to 999" >&2; exit 1; }
+for tool in valgrind callgrind_control callgrind_annotate h2load nginx python3; do
+  command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install valgrind nghttp2-client nginx)" >&2; exit 1; }
+done
+
+. benches/loopback.sh
+begin instructions
+start_upstream
+start_identity
+
+# load SHAPE PORT COUNT: COUNT requests of SHAPE; fails unless every one succeeded.
+load() {
+  local out url="http://127.0.0.1:$2/"
+  case $1 in
+    keepalive) out=$(h2load --h1 -n "$3" -c "$CONNECTIONS" "$url") ;;
+    churn) out=$(h2load --h1 -n "$3" -c 8 -H 'Connection: close' "$url") ;;
+    h2) out=$(h2load -n "$3" -c 8 -m 8 "$url") ;;
+  esac
+  grep -q "^requests: $3 total, $3 started, $3 done, $3 succeeded" <<<"$out" \
+    || { echo "$1: not every request succeeded:" >&2; grep "^requests:\|^status codes:" <<<"$out" >&2; return 1; }
+}
+
+echo "$N requests per shape; $BIN" >&2
+for shape in $SHAPES; do
+  case $shape in keepalive | churn | h2) ;; *) echo "unknown shape $shape" >&2; exit 1 ;; esac
+  port=$(free_port)
+  config_ours "$port"
+  out=$WORK/callgrind.$shape
+  BENCH_SECRET=demo-secret RUST_LOG=error valgrind --tool=callgrind --callgrind-out-file="$out" \
+    "$BIN" run --config "$WORK/ours.toml" --wait-ready 60 >/dev/null 2>"$WORK/valgrind.$shape" &
+  pid=$!
+  PIDS+=("$pid")
+  wait_port "$port" 600
+  load "$shape" "$port" $((N / 10 + 500))   # pools filled, caches grown, code paged in
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  load "$shape" "$port" "$N"
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  total=$(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+  printf '%-9s %8d instructions per request\n' "$shape" $((total / N))
+  if ((TOP > 0)); then
+    callgrind_annotate --threshold=100 "$out.1" 2>/dev/null \
+      | awk -v n="$N" -v top="$TOP" '
+          /^-+$/ { rule++; next }
+          rule >= 5 && NF >= 3 && $1 ~ /^[0-9,]+$/ && $0 !~ /clone|start_thread|thread_start|call_once\{\{vtable/ {
+            c = $1; gsub(",", "", c)
+            name = $0; sub(/^ *[0-9,]+ *(\([^)]*\))? */, "", name); sub(/ \[[^]]*\]$/, "", name); sub(/^[^:]*:/, "", name)
+            if (shown++ < top) printf "          %8d  %s\n", c / n, name
+          }'
+  fi
+done
