@@ -62,16 +62,7 @@ start_proxy() {
       BENCH_SECRET=demo-secret RUST_LOG=error taskset -c "$PROXY_CPU" "$BIN" run --config "$WORK/ours.toml" --wait-ready 10 >/dev/null &
       ;;
     nginx)
-      cat > "$WORK/nginx.conf" <<EOF
-daemon off; worker_processes 1; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
-  upstream up { server 127.0.0.1:$UP; keepalive 256; }
-  server { listen 127.0.0.1:$port http2; listen 127.0.0.1:$((port + 1));
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer $TOKEN"; proxy_buffering off; } } }
-EOF
+      config_nginx "$port"
       taskset -c "$PROXY_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" 2>/dev/null &
       ;;
     haproxy)

@@ -2,8 +2,9 @@
 # Instructions per request, counted under callgrind: the work of the proxy's whole process,
 # which repeats to the instruction for the same binary and load whatever else the machine is
 # doing, where timings move by 10-20 % from run to run. The proxy runs with one worker against
-# the upstream and identity stand-in of compare.sh; the count starts after a warm-up and
-# covers exactly N requests of one shape:
+# the upstream and identity stand-in of compare.sh (and nginx, with PROXIES="ours nginx", as
+# compare.sh configures it, in one process); the count starts after a warm-up and covers
+# exactly N requests of one shape:
 #   keepalive  GET, 100-byte answer, $CONNECTIONS keep-alive connections (64; h2load --h1)
 #   churn      the same with a new connection per request, 8 at a time
 #   h2         h2c in, HTTP/1.1 out, 8 connections x 8 streams
@@ -11,6 +12,7 @@
 #   benches/instructions.sh                          # the three, 20,000 requests each (about 30 s)
 #   SHAPES=keepalive N=50000 benches/instructions.sh
 #   TOP=12 benches/instructions.sh                   # and the 12 functions that cost the most
+#   PROXIES="ours nginx" benches/instructions.sh     # nginx counted the same way
 #   BIN=path/to/mosaic-auth-proxy benches/instructions.sh   # that binary instead of a release build
 #
 # A function's own cost is what was not inlined into its caller: with fat LTO and the trained
@@ -26,6 +28,7 @@ SHAPES=${SHAPES:-"keepalive churn h2"}
 N=${N:-20000}
 CONNECTIONS=${CONNECTIONS:-64}
 TOP=${TOP:-0}
+PROXIES=${PROXIES:-ours}
 [[ $N =~ ^[1-9][0-9]{2,6}$ ]] || { echo "N must be a number of requests, 100 to 9999999" >&2; exit 1; }
 [[ $CONNECTIONS =~ ^[1-9][0-9]{0,3}$ ]] || { echo "CONNECTIONS must be 1 to 9999" >&2; exit 1; }
 [[ $TOP =~ ^[0-9]{1,3}$ ]] || { echo "TOP must be a number of functions, 0 to 999" >&2; exit 1; }
@@ -50,33 +53,64 @@ load() {
     || { echo "$1: not every request succeeded:" >&2; grep "^requests:\|^status codes:" <<<"$out" >&2; return 1; }
 }
 
-echo "$N requests per shape; $BIN" >&2
+for proxy in $PROXIES; do
+  case $proxy in ours | nginx) ;; *) echo "unknown proxy $proxy (ours, nginx)" >&2; exit 1 ;; esac
+done
 for shape in $SHAPES; do
-  case $shape in keepalive | churn | h2) ;; *) echo "unknown shape $shape" >&2; exit 1 ;; esac
+  case $shape in keepalive | churn | h2) ;; *) echo "unknown shape $shape (keepalive, churn, h2)" >&2; exit 1 ;; esac
+done
+if [[ " $PROXIES " == *" nginx "* ]]; then
+  config_ours 0
+  TOKEN=$(BENCH_SECRET=demo-secret "$BIN" token bench --config "$WORK/ours.toml")
+fi
+
+# counted PROXY SHAPE: one proxy under callgrind, N requests of SHAPE counted.
+counted() {
+  local proxy=$1 shape=$2 port h1 out=$WORK/callgrind.$1.$2 pid total
   port=$(free_port)
-  config_ours "$port"
-  out=$WORK/callgrind.$shape
-  BENCH_SECRET=demo-secret RUST_LOG=error valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$BIN" run --config "$WORK/ours.toml" --wait-ready 60 >/dev/null 2>"$WORK/valgrind.$shape" &
+  case $proxy in
+    ours)
+      config_ours "$port"
+      h1=$port
+      BENCH_SECRET=demo-secret RUST_LOG=error valgrind --tool=callgrind --callgrind-out-file="$out" \
+        "$BIN" run --config "$WORK/ours.toml" --wait-ready 60 >/dev/null 2>"$out.log" &
+      ;;
+    nginx)
+      config_nginx "$port"
+      h1=$((port + 1))
+      valgrind --tool=callgrind --callgrind-out-file="$out" \
+        nginx -g "master_process off;" -c "$WORK/nginx.conf" -p "$WORK" >/dev/null 2>"$out.log" &
+      ;;
+  esac
   pid=$!
   PIDS+=("$pid")
-  wait_port "$port" 600
-  load "$shape" "$port" $((N / 10 + 500))   # pools filled, caches grown, code paged in
+  wait_port "$h1" 600
+  [[ $shape == h2 ]] && h1=$port
+  load "$shape" "$h1" $((N / 10 + 500))   # pools filled, caches grown, code paged in
   callgrind_control -z "$pid" >/dev/null 2>&1
-  load "$shape" "$port" "$N"
+  load "$shape" "$h1" "$N"
   callgrind_control -d "$pid" >/dev/null 2>&1
   kill "$pid"
   wait "$pid" 2>/dev/null || true
   total=$(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-  printf '%-9s %8d instructions per request\n' "$shape" $((total / N))
+  printf '%-5s %-9s %8d instructions per request\n' "$proxy" "$shape" $((total / N))
   if ((TOP > 0)); then
+    # The frames under way when the count began are listed with all of it: left out.
     callgrind_annotate --threshold=100 "$out.1" 2>/dev/null \
-      | awk -v n="$N" -v top="$TOP" '
+      | awk -v n="$N" -v top="$TOP" -v total="$total" '
           /^-+$/ { rule++; next }
-          rule >= 5 && NF >= 3 && $1 ~ /^[0-9,]+$/ && $0 !~ /clone|start_thread|thread_start|call_once\{\{vtable/ {
-            c = $1; gsub(",", "", c)
+          rule >= 5 && NF >= 3 && $1 ~ /^[0-9,]+$/ {
+            c = $1; gsub(",", "", c); c += 0
+            if (c >= 0.99 * total) next
             name = $0; sub(/^ *[0-9,]+ *(\([^)]*\))? */, "", name); sub(/ \[[^]]*\]$/, "", name); sub(/^[^:]*:/, "", name)
-            if (shown++ < top) printf "          %8d  %s\n", c / n, name
+            if (shown++ < top) printf "                %8d  %s\n", c / n, name
           }'
   fi
+}
+
+echo "$N requests per shape; $BIN" >&2
+for shape in $SHAPES; do
+  for proxy in $PROXIES; do
+    counted "$proxy" "$shape"
+  done
 done

@@ -97,3 +97,18 @@ upstream = "http://127.0.0.1:$UP"
 account = "bench"
 EOF
 }
+
+# config_nginx PORT: nginx doing the proxy's job with a fixed token (TOKEN), h2c on PORT and
+# HTTP/1.1 on PORT+1, in $WORK/nginx.conf.
+config_nginx() {
+  cat > "$WORK/nginx.conf" <<EOF
+daemon off; worker_processes 1; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
+  upstream up { server 127.0.0.1:$UP; keepalive 256; }
+  server { listen 127.0.0.1:$1 http2; listen 127.0.0.1:$(($1 + 1));
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer $TOKEN"; proxy_buffering off; } } }
+EOF
+}
