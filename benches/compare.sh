@@ -50,8 +50,7 @@ begin compare
 # identity stand-in hands to the token command once.
 start_upstream
 start_identity
-config_ours 0
-TOKEN=$(BENCH_SECRET=demo-secret "$BIN" token bench --config "$WORK/ours.toml")
+fetch_token
 
 # start_proxy NAME PORT: runs the proxy pinned to the proxy CPU; sets PROXY_PID.
 start_proxy() {

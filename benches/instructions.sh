@@ -59,10 +59,7 @@ done
 for shape in $SHAPES; do
   case $shape in keepalive | churn | h2) ;; *) echo "unknown shape $shape (keepalive, churn, h2)" >&2; exit 1 ;; esac
 done
-if [[ " $PROXIES " == *" nginx "* ]]; then
-  config_ours 0
-  TOKEN=$(BENCH_SECRET=demo-secret "$BIN" token bench --config "$WORK/ours.toml")
-fi
+[[ " $PROXIES " != *" nginx "* ]] || fetch_token
 
 # counted PROXY SHAPE: one proxy under callgrind, N requests of SHAPE counted.
 counted() {

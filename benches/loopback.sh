@@ -98,6 +98,13 @@ account = "bench"
 EOF
 }
 
+# fetch_token: TOKEN, the stand-in's token for the proxy's account, as the token command
+# prints it (for the peers, which send it as a fixed header).
+fetch_token() {
+  config_ours 0
+  TOKEN=$(BENCH_SECRET=demo-secret "$BIN" token bench --config "$WORK/ours.toml")
+}
+
 # config_nginx PORT: nginx doing the proxy's job with a fixed token (TOKEN), h2c on PORT and
 # HTTP/1.1 on PORT+1, in $WORK/nginx.conf.
 config_nginx() {

@@ -17,8 +17,8 @@
 # The check fails where the profile no longer fits what it is compiled into: the compiler,
 # Cargo.lock or Cargo.toml differ from those it was trained with (pgo/x86_64-linux.inputs;
 # each changes every symbol's name, so no function would find its counts), or LLVM reports a
-# function whose code changed since the training ("hash mismatch") in a clean release build
-# of the proxy.
+# function whose code changed since the training ("hash mismatch") when the proxy's crate is
+# compiled again for release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
