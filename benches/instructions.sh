@@ -13,6 +13,7 @@
 #   SHAPES=keepalive N=50000 benches/instructions.sh
 #   TOP=12 benches/instructions.sh                   # and the 12 functions that cost the most
 #   PROXIES="ours nginx" benches/instructions.sh     # nginx counted the same way
+#   CACHE=1 benches/instructions.sh                  # and cache misses, mispredicted branches
 #   BIN=path/to/mosaic-auth-proxy benches/instructions.sh   # that binary instead of a release build
 #
 # A function's own cost is what was not inlined into its caller: with fat LTO and the trained
@@ -20,7 +21,12 @@
 # release binary's symbol table. Line attribution needs debug info, and a build with it
 # (CARGO_PROFILE_RELEASE_DEBUG=line-tables-only) gets other symbol names, which the trained
 # profile does not match: it counts about 40 % more, so compare such builds only with each
-# other. Needs valgrind, h2load (apt-get install valgrind nghttp2-client) and nginx.
+# other. With CACHE=1, callgrind also simulates the caches and branch predictors (a run takes
+# about twice as long) and each line adds, per request, the misses of the 32 KiB L1
+# instruction cache and of the L1 data cache on reads and on writes, and the mispredicted
+# branches (conditional and indirect): the model's, which is not the machine's, but
+# it counts the same way for every binary, so that layouts and data footprints can be
+# compared where timings cannot tell 5 % apart. Needs valgrind, h2load (apt-get install valgrind nghttp2-client) and nginx.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,10 +34,14 @@ SHAPES=${SHAPES:-"keepalive churn h2"}
 N=${N:-20000}
 CONNECTIONS=${CONNECTIONS:-64}
 TOP=${TOP:-0}
+CACHE=${CACHE:-0}
 PROXIES=${PROXIES:-ours}
 [[ $N =~ ^[1-9][0-9]{2,6}$ ]] || { echo "N must be a number of requests, 100 to 9999999" >&2; exit 1; }
 [[ $CONNECTIONS =~ ^[1-9][0-9]{0,3}$ ]] || { echo "CONNECTIONS must be 1 to 9999" >&2; exit 1; }
 [[ $TOP =~ ^[0-9]{1,3}$ ]] || { echo "TOP must be a number of functions, 0 to 999" >&2; exit 1; }
+[[ $CACHE =~ ^[01]$ ]] || { echo "CACHE must be 0 or 1" >&2; exit 1; }
+callgrind=(valgrind --tool=callgrind)
+[[ $CACHE == 0 ]] || callgrind+=(--cache-sim=yes --branch-sim=yes)
 for tool in valgrind callgrind_control callgrind_annotate h2load nginx python3; do
   command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install valgrind nghttp2-client nginx)" >&2; exit 1; }
 done
@@ -69,13 +79,13 @@ counted() {
     ours)
       config_ours "$port"
       h1=$port
-      BENCH_SECRET=demo-secret RUST_LOG=error valgrind --tool=callgrind --callgrind-out-file="$out" \
+      BENCH_SECRET=demo-secret RUST_LOG=error "${callgrind[@]}" --callgrind-out-file="$out" \
         "$BIN" run --config "$WORK/ours.toml" --wait-ready 60 >/dev/null 2>"$out.log" &
       ;;
     nginx)
       config_nginx "$port"
       h1=$((port + 1))
-      valgrind --tool=callgrind --callgrind-out-file="$out" \
+      "${callgrind[@]}" --callgrind-out-file="$out" \
         nginx -g "master_process off;" -c "$WORK/nginx.conf" -p "$WORK" >/dev/null 2>"$out.log" &
       ;;
   esac
@@ -89,11 +99,22 @@ counted() {
   callgrind_control -d "$pid" >/dev/null 2>&1
   kill "$pid"
   wait "$pid" 2>/dev/null || true
-  total=$(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-  printf '%-5s %-9s %8d instructions per request\n' "$proxy" "$shape" $((total / N))
+  # The counts since the zeroing, by event name (Ir, and I1mr ... Bim with CACHE=1).
+  local ir i1 d1r d1w mispredicted
+  read -r total ir i1 d1r d1w mispredicted < <(awk -v n="$N" '
+    /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
+    /^summary:/ { for (i = 2; i <= NF; i++) count[name[i]] = $i }
+    END { printf "%.0f %d %d %d %d %d\n", count["Ir"], count["Ir"] / n, count["I1mr"] / n,
+            count["D1mr"] / n, count["D1mw"] / n, (count["Bcm"] + count["Bim"]) / n }' "$out.1")
+  if [[ $CACHE == 0 ]]; then
+    printf '%-5s %-9s %8d instructions per request\n' "$proxy" "$shape" "$ir"
+  else
+    printf '%-5s %-9s %8d instructions, %5d I1 misses, %5d / %5d D1 misses (read / write), %5d mispredicted branches per request\n' \
+      "$proxy" "$shape" "$ir" "$i1" "$d1r" "$d1w" "$mispredicted"
+  fi
   if ((TOP > 0)); then
     # The frames under way when the count began are listed with all of it: left out.
-    callgrind_annotate --threshold=100 "$out.1" 2>/dev/null \
+    callgrind_annotate --threshold=100 --show=Ir "$out.1" 2>/dev/null \
       | awk -v n="$N" -v top="$TOP" -v total="$total" '
           /^-+$/ { rule++; next }
           rule >= 5 && NF >= 3 && $1 ~ /^[0-9,]+$/ {

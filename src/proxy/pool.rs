@@ -223,9 +223,9 @@ impl Pool {
                     },
                     None => match (!new_connection).then(|| self.take_idle(now)).flatten() {
                         Some(conn) => conn,
-                        // Boxed: connecting (TCP, TLS, a handshake) is rare and would make every
-                        // request's future several kilobytes.
-                        None => Box::pin(self.connect_or_wait()).await?,
+                        // Boxed apart: connecting (TCP, TLS, a handshake) is rare and would make
+                        // every request's future, and the stack frame polling it, kilobytes larger.
+                        None => crate::pin_apart(|| self.connect_or_wait()).await?,
                     },
                 };
                 match conn {
