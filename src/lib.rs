@@ -43,14 +43,31 @@ pub fn pin_in_place<T>(make: impl FnOnce() -> T) -> std::pin::Pin<Box<T>> {
     Box::into_pin(Box::write(slot, make()))
 }
 
-/// Pins in a box what `make` makes, as [`pin_in_place`] does, in a call of its own: for the
-/// rare steps of a future polled for every request (connecting, waiting for a token,
-/// reading a body). Where the box is made inline, the poll's stack frame keeps room for the
-/// value on every call, used or not: the upstream exchange's frame was 42 KiB, probed page
-/// by page at each poll, and spread its locals over more lines than the L1 cache holds.
+/// A rare step of a future polled for every request (connecting, waiting for a token,
+/// keeping a body, reading a JSON answer), boxed and polled in calls of their own. A step
+/// boxed inline (`Box::pin`) is built on the caller's stack, and with the trained profile
+/// its poll (connecting: the connector, TLS, both handshakes) is inlined into the caller's;
+/// either way the caller's stack frame keeps room for it on every call, used or not: the
+/// upstream exchange's poll had a frame of 42 KiB, probed page by page at each of its two
+/// polls per request, and spread its locals over more lines than the L1 data cache holds.
+pub struct Apart<F>(std::pin::Pin<Box<F>>);
+
+/// Makes the rare step `make` builds, boxed in a call of its own ([`Apart`]).
 #[inline(never)]
-pub fn pin_apart<T>(make: impl FnOnce() -> T) -> std::pin::Pin<Box<T>> {
-    pin_in_place(make)
+pub fn apart<F: std::future::Future>(make: impl FnOnce() -> F) -> Apart<F> {
+    Apart(pin_in_place(make))
+}
+
+impl<F: std::future::Future> std::future::Future for Apart<F> {
+    type Output = F::Output;
+
+    #[inline(never)]
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.0.as_mut().poll(cx)
+    }
 }
 
 /// Renders an error with its sources, `outer: inner: innermost`.

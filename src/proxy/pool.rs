@@ -225,7 +225,7 @@ impl Pool {
                         Some(conn) => conn,
                         // Boxed apart: connecting (TCP, TLS, a handshake) is rare and would make
                         // every request's future, and the stack frame polling it, kilobytes larger.
-                        None => crate::pin_apart(|| self.connect_or_wait()).await?,
+                        None => crate::apart(|| self.connect_or_wait()).await?,
                     },
                 };
                 match conn {

@@ -192,7 +192,7 @@ impl Proxy {
             let sent = match route.account.usable_header() {
                 Some(value) => value,
                 // The rare path is boxed so that every request's future stays small.
-                None => crate::pin_apart(|| route.account.header_or_wait(self.token_wait))
+                None => crate::apart(|| route.account.header_or_wait(self.token_wait))
                     .await
                     .map_err(|cause| ProxyError::TokenUnavailable {
                         account: route.account.name().to_owned(),
@@ -226,8 +226,7 @@ impl Proxy {
                 ),
                 Kept::Keep(body, budget) => {
                     let host = forwarded_host.clone();
-                    crate::pin_apart(|| self.keep(&parts, host, body, budget, socket.clone()))
-                        .await?
+                    crate::apart(|| self.keep(&parts, host, body, budget, socket.clone())).await?
                 }
             };
             client.0.address.set_forwarding_headers(
@@ -244,7 +243,7 @@ impl Proxy {
             // Forward; once more if the upstream closed a reused connection under it.
             let response = match self.forward(route, request, client, false).await {
                 Err(ProxyError::UpstreamDropped(error)) => {
-                    crate::pin_apart(|| self.resend(route, &sent, replay.as_ref(), client, error))
+                    crate::apart(|| self.resend(route, &sent, replay.as_ref(), client, error))
                         .await?
                 }
                 answered => answered?,
@@ -268,13 +267,13 @@ impl Proxy {
                 Head::Judged(inspected) => inspected,
                 // Boxed: the read keeps the head and the body's collection, room that an answer
                 // judged by its head (a large, non-JSON or non-200 one) would carry unused.
-                Head::ReadBody(response) => crate::pin_apart(|| inspect_body(response)).await?,
+                Head::ReadBody(response) => crate::apart(|| inspect_body(response)).await?,
             };
             let mut response = match inspected {
                 Inspected::Pass(response) => response,
                 Inspected::Rejected(original, code) => {
                     route.account.stats().rejection(&code);
-                    let (response, outcome) = crate::pin_apart(|| {
+                    let (response, outcome) = crate::apart(|| {
                         self.after_rejection(route, sent, original, replay, client)
                     })
                     .await?;
