@@ -133,37 +133,12 @@ impl Proxy {
             record.answered(status);
             match result {
                 Ok((response, route)) => {
-                    tracing::debug!(
-                        http.method = %method, route = %route.name, upstream = %route.upstream,
-                        status = response.status().as_u16(),
-                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "forwarded"
-                    );
+                    if tracing::level_enabled!(tracing::Level::DEBUG) {
+                        forwarded(&method, route, response.status(), started);
+                    }
                     response
                 }
-                Err(error) => {
-                    if let Some(kind) = error.upstream_error() {
-                        record.route().upstream_failed(kind);
-                    }
-                    let (status, code, fault) = error.classify();
-                    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-                    let chain = crate::error_chain(&error);
-                    let peer = client.0.address.ip();
-                    match fault {
-                        Fault::Client => {
-                            tracing::debug!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
-                        }
-                        Fault::Access => {
-                            tracing::info!(http.method = %method, %peer, status = status.as_u16(), code, error = %chain, "access refused")
-                        }
-                        Fault::Upstream | Fault::Identity => {
-                            tracing::warn!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
-                        }
-                        Fault::Proxy => {
-                            tracing::error!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
-                        }
-                    }
-                    error.to_response()
-                }
+                Err(error) => failed(error, &method, client, record, started),
             }
         }
     }
@@ -551,6 +526,52 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Logs a forwarded request (`debug`). Apart from [`Proxy::handle`], as [`failed`] is: an
+/// event's fields take room in the stack frame of the function that makes it, on every
+/// call, where the request's own poll should keep its frame small (see [`crate::Apart`]).
+#[inline(never)]
+fn forwarded(method: &Method, route: &Route, status: http::StatusCode, started: Instant) {
+    tracing::debug!(
+        http.method = %method, route = %route.name, upstream = %route.upstream,
+        status = status.as_u16(),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "forwarded"
+    );
+}
+
+/// Answers a request that failed with `error`, logged at the level of whose fault it is.
+#[cold]
+#[inline(never)]
+fn failed(
+    error: ProxyError,
+    method: &Method,
+    client: &ProxyService,
+    record: &mut Record,
+    started: Instant,
+) -> Response<ProxyBody> {
+    if let Some(kind) = error.upstream_error() {
+        record.route().upstream_failed(kind);
+    }
+    let (status, code, fault) = error.classify();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let chain = crate::error_chain(&error);
+    let peer = client.0.address.ip();
+    match fault {
+        Fault::Client => {
+            tracing::debug!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "refused")
+        }
+        Fault::Access => {
+            tracing::info!(http.method = %method, %peer, status = status.as_u16(), code, error = %chain, "access refused")
+        }
+        Fault::Upstream | Fault::Identity => {
+            tracing::warn!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+        }
+        Fault::Proxy => {
+            tracing::error!(http.method = %method, %peer, status = status.as_u16(), code, elapsed_ms, error = %chain, "failed")
+        }
+    }
+    error.to_response()
 }
 
 /// The route label of requests no route took.
