@@ -24,9 +24,10 @@
 # other. With CACHE=1, callgrind also simulates the caches and branch predictors (a run takes
 # about twice as long) and each line adds, per request, the misses of the 32 KiB L1
 # instruction cache and of the L1 data cache on reads and on writes, and the mispredicted
-# branches (conditional and indirect): the model's, which is not the machine's, but
-# it counts the same way for every binary, so that layouts and data footprints can be
-# compared where timings cannot tell 5 % apart. Needs valgrind, h2load (apt-get install valgrind nghttp2-client) and nginx.
+# branches (conditional and indirect): the model's, not the machine's, but counted the same
+# way for every binary, so that code layouts and data footprints can be compared where
+# timings cannot tell 5 % apart. Needs valgrind, h2load (apt-get install valgrind
+# nghttp2-client) and nginx.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -411,10 +411,7 @@ impl Proxy {
             .filter(|n| *n <= self.replay_body_limit)?;
         let permit = self.replay_memory.try_acquire_many(size as u32).ok();
         if permit.is_none() {
-            tracing::debug!(
-                bytes = size,
-                "server.replay_memory is spent: the request streams and cannot be replayed"
-            );
+            replay_memory_spent(size);
         }
         permit.map(Some)
     }
@@ -528,9 +525,9 @@ impl Proxy {
     }
 }
 
-/// Logs a forwarded request (`debug`). Apart from [`Proxy::handle`], as [`failed`] is: an
-/// event's fields take room in the stack frame of the function that makes it, on every
-/// call, where the request's own poll should keep its frame small (see [`crate::Apart`]).
+/// Logs a forwarded request (`debug`). This and the other events of a request's poll are
+/// made in functions of their own: an event's fields take room in the stack frame of the
+/// function that makes it, on every call (see [`crate::Apart`]).
 #[inline(never)]
 fn forwarded(method: &Method, route: &Route, status: http::StatusCode, started: Instant) {
     tracing::debug!(
@@ -706,11 +703,26 @@ fn answer_or_500(
         .catch_unwind()
         .map(|handled| match handled {
             Ok(response) => response,
-            Err(_) => {
-                tracing::error!("handling a request panicked; answering 500");
-                ProxyError::Internal.to_response()
-            }
+            Err(_) => panicked(),
         })
+}
+
+/// The answer to a request whose handling panicked.
+#[cold]
+#[inline(never)]
+fn panicked() -> Response<ProxyBody> {
+    tracing::error!("handling a request panicked; answering 500");
+    ProxyError::Internal.to_response()
+}
+
+/// Says that a body that could have been kept for a replay streams instead.
+#[cold]
+#[inline(never)]
+fn replay_memory_spent(bytes: u64) {
+    tracing::debug!(
+        bytes,
+        "server.replay_memory is spent: the request streams and cannot be replayed"
+    );
 }
 
 #[cfg(test)]

@@ -219,22 +219,28 @@ impl Future for Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        let Some(future) = self.future.take() else {
-            return;
-        };
-        self.client.note_cancelled();
-        let slot = self.slot.take();
-        in_background(async move {
-            let deadline = tokio::time::Instant::now() + DRAIN_TIME;
-            if let Ok(Ok((response, conn))) = tokio::time::timeout_at(deadline, future).await {
-                let ended = drain(response.into_body(), deadline).await;
-                if let (true, Some(conn)) = (ended, conn) {
-                    conn.give_back();
-                }
-            }
-            drop(slot);
-        });
+        if let Some(future) = self.future.take() {
+            self.client.note_cancelled();
+            finish_in_background(future, self.slot.take());
+        }
     }
+}
+
+/// Awaits an abandoned exchange's answer and drains it in the background. Cold and apart:
+/// the task it spawns would otherwise be built in the stack frame of every request's poll.
+#[cold]
+#[inline(never)]
+fn finish_in_background(future: Sending, slot: Option<OwnedSemaphorePermit>) {
+    in_background(async move {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+        if let Ok(Ok((response, conn))) = tokio::time::timeout_at(deadline, future).await {
+            let ended = drain(response.into_body(), deadline).await;
+            if let (true, Some(conn)) = (ended, conn) {
+                conn.give_back();
+            }
+        }
+        drop(slot);
+    });
 }
 
 /// An upstream's answer, holding its request's place and its connection. Read to its end,
@@ -336,17 +342,23 @@ impl Drop for UpstreamBody {
             .upper()
             .is_none_or(|n| n <= DRAIN_LIMIT_BYTES as u64);
         if small {
-            let slot = self.slot.take();
-            let conn = self.conn.take();
-            in_background(async move {
-                let ended = drain(body, tokio::time::Instant::now() + DRAIN_TIME).await;
-                if let (true, Some(conn)) = (ended, conn) {
-                    conn.give_back();
-                }
-                drop(slot);
-            });
+            drain_in_background(body, self.slot.take(), self.conn.take());
         }
     }
+}
+
+/// Drains an abandoned answer's small rest in the background, to keep its connection.
+/// Cold and apart, as [`finish_in_background`] is.
+#[cold]
+#[inline(never)]
+fn drain_in_background(body: Incoming, slot: Option<OwnedSemaphorePermit>, conn: Option<Pooled>) {
+    in_background(async move {
+        let ended = drain(body, tokio::time::Instant::now() + DRAIN_TIME).await;
+        if let (true, Some(conn)) = (ended, conn) {
+            conn.give_back();
+        }
+        drop(slot);
+    });
 }
 
 /// Runs `work` on the runtime, if there still is one (a drop at runtime shutdown has none).
