@@ -43,9 +43,9 @@ pub fn pin_in_place<T>(make: impl FnOnce() -> T) -> std::pin::Pin<Box<T>> {
     Box::into_pin(Box::write(slot, make()))
 }
 
-/// A rare step of a future polled for every request (connecting, waiting for a token,
-/// keeping a body, reading a JSON answer), boxed and polled in calls of their own. A step
-/// boxed inline (`Box::pin`) is built on the caller's stack, and with the trained profile
+/// A step that not every request takes (connecting, waiting for a token, keeping a body,
+/// reading a small JSON answer), of a future polled for every request: boxed and polled in
+/// calls of their own. A step boxed inline (`Box::pin`) is built on the caller's stack, and with the trained profile
 /// its poll (connecting: the connector, TLS, both handshakes) is inlined into the caller's;
 /// either way the caller's stack frame keeps room for it on every call, used or not: the
 /// upstream exchange's poll had a frame of 42 KiB, probed page by page at each of its two
