@@ -234,10 +234,7 @@ fn finish_in_background(future: Sending, slot: Option<OwnedSemaphorePermit>) {
     in_background(async move {
         let deadline = tokio::time::Instant::now() + DRAIN_TIME;
         if let Ok(Ok((response, conn))) = tokio::time::timeout_at(deadline, future).await {
-            let ended = drain(response.into_body(), deadline).await;
-            if let (true, Some(conn)) = (ended, conn) {
-                conn.give_back();
-            }
+            drain(response.into_body(), conn, deadline).await;
         }
         drop(slot);
     });
@@ -353,10 +350,7 @@ impl Drop for UpstreamBody {
 #[inline(never)]
 fn drain_in_background(body: Incoming, slot: Option<OwnedSemaphorePermit>, conn: Option<Pooled>) {
     in_background(async move {
-        let ended = drain(body, tokio::time::Instant::now() + DRAIN_TIME).await;
-        if let (true, Some(conn)) = (ended, conn) {
-            conn.give_back();
-        }
+        drain(body, conn, tokio::time::Instant::now() + DRAIN_TIME).await;
         drop(slot);
     });
 }
@@ -369,8 +363,9 @@ fn in_background(work: impl Future<Output = ()> + Send + 'static) {
 }
 
 /// Reads `body` to its end if that takes at most [`DRAIN_LIMIT_BYTES`] and ends by
-/// `deadline`, and tells whether it did; otherwise drops it, which closes its connection.
-async fn drain(mut body: Incoming, deadline: tokio::time::Instant) -> bool {
+/// `deadline`, then gives its connection `conn` back to the pool; otherwise drops both,
+/// which closes the connection.
+async fn drain(mut body: Incoming, conn: Option<Pooled>, deadline: tokio::time::Instant) {
     use http_body_util::BodyExt;
     let mut read = 0;
     let reading = async {
@@ -387,7 +382,10 @@ async fn drain(mut body: Incoming, deadline: tokio::time::Instant) -> bool {
             }
         }
     };
-    tokio::time::timeout_at(deadline, reading)
+    let ended = tokio::time::timeout_at(deadline, reading)
         .await
-        .unwrap_or(false)
+        .unwrap_or(false);
+    if let (true, Some(conn)) = (ended, conn) {
+        conn.give_back();
+    }
 }
