@@ -38,19 +38,21 @@ if [[ -z ${BIN:-} ]]; then
 fi
 
 # The polls, each as a pattern of its demangled name (a Python regular expression matched
-# against the whole name), its bound in bytes and what it is. The bounds are the trained
+# against the whole name), its bound in bytes, whether it may be inlined (`may`: into a
+# caller, whose frame then holds it: the profile decides, and a retraining may change it;
+# `must`: the roots, always apart) and what it is. The bounds are the trained
 # build's frames with room to spare; one over its bound has taken in something new. Left
 # out: polls whose name has several copies that the symbol table cannot tell apart (an
 # upstream connection's task, `Http2::poll`: the admin listener's and the HTTP/2 client's
 # have the same names); OVER lists them.
 BOUNDS=$(
   cat <<'B'
-<mosaic_auth_proxy::proxy::service::ProxyService as hyper::service::service::Service<.*>>::call::\{\{closure\}\}::\{\{closure\}\}	8192	the request's own poll (filter, token, rewrite, answer)
-<mosaic_auth_proxy::proxy::upstream::Exchange as core::future::future::Future>::poll	4096	the upstream exchange, twice per request
-mosaic_auth_proxy::proxy::pool::Pool::exchange::\{\{closure\}\}	4096	taking a pooled connection and sending on it
-<mosaic_auth_proxy::server::conn::CountedFuture<F> as core::future::future::Future>::poll	4096	the request as hyper polls it
-<mosaic_auth_proxy::server::http::Connection<S> as core::future::future::Future>::poll	6144	a client connection
-mosaic_auth_proxy::server::drive::\{\{closure\}\}	4096	a client connection's watchdog loop
+<mosaic_auth_proxy::proxy::service::ProxyService as hyper::service::service::Service<.*>>::call::\{\{closure\}\}::\{\{closure\}\}	8192	must	the request's own poll (filter, token, rewrite, answer)
+<mosaic_auth_proxy::proxy::upstream::Exchange as core::future::future::Future>::poll	4096	may	the upstream exchange, twice per request
+mosaic_auth_proxy::proxy::pool::Pool::exchange::\{\{closure\}\}	4096	may	taking a pooled connection and sending on it
+<mosaic_auth_proxy::server::conn::CountedFuture<F> as core::future::future::Future>::poll	4096	may	the request as hyper polls it
+<mosaic_auth_proxy::server::http::Connection<S> as core::future::future::Future>::poll	6144	must	a client connection
+mosaic_auth_proxy::server::drive::\{\{closure\}\}	4096	may	a client connection's watchdog loop
 B
 )
 
@@ -90,10 +92,13 @@ for line in sys.stdin:
 
 failed = 0
 print("  frame   bound  poll")
-for pattern, bound, what in bounds:
+for pattern, bound, inlined, what in bounds:
     found = [(size, name) for name, size in frames.items() if re.fullmatch(pattern, name)]
+    if not found and inlined == "may":
+        print(f"      - {int(bound):>7}  {what}: inlined, counted in the frame of its caller")
+        continue
     if not found:
-        print(f"      - {int(bound):>7}  {what}: not in the binary (inlined or renamed?)")
+        print(f"      - {int(bound):>7}  {what}: not in the binary (renamed?)")
         failed += 1
         continue
     size = max(found)[0]
