@@ -11,8 +11,8 @@
 # poll's frame on every call, whether the step runs or not, and a frame over a page is
 # probed page by page on entry. With the trained profile, a rare step's inlined poll once
 # made the upstream exchange's poll (twice per request) a 42 KiB frame: ten probing writes
-# and locals spread over more cache lines than L1 holds (README: "Where a request's time
-# goes"). Nothing else shows it: the tests pass and the instruction count hardly moves. A
+# and locals spread over more cache lines than L1 holds (README: "Instructions, caches and
+# branches"). Nothing else shows it: the tests pass and the instruction count hardly moves. A
 # change to the request path, or a retrained profile, can bring it back; this check, run by
 # CI on the binary it builds with the profile, says where.
 #
