@@ -44,12 +44,12 @@ pub fn pin_in_place<T>(make: impl FnOnce() -> T) -> std::pin::Pin<Box<T>> {
 }
 
 /// A step that not every request takes (connecting, waiting for a token, keeping a body,
-/// reading a small JSON answer), of a future polled for every request: boxed and polled in
-/// calls of their own. A step boxed inline (`Box::pin`) is built on the caller's stack, and with the trained profile
-/// its poll (connecting: the connector, TLS, both handshakes) is inlined into the caller's;
-/// either way the caller's stack frame keeps room for it on every call, used or not: the
-/// upstream exchange's poll had a frame of 42 KiB, probed page by page at each of its two
-/// polls per request, and spread its locals over more lines than the L1 data cache holds.
+/// reading a small JSON answer) of a future polled for every request, boxed and polled in
+/// calls of its own. Boxed inline (`Box::pin`), a step is built on the caller's stack and, with
+/// the trained profile, its poll (connecting: the connector, TLS, both handshakes) is inlined
+/// into the caller's: either way the caller's frame keeps room for it on every call, used or
+/// not. The upstream exchange's poll had a 42 KiB frame, probed page by page at each of its
+/// two polls per request, and its locals spread over more lines than the L1 data cache holds.
 pub struct Apart<F>(std::pin::Pin<Box<F>>);
 
 /// Makes the rare step `make` builds, boxed in a call of its own ([`Apart`]).
