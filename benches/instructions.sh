@@ -6,6 +6,7 @@
 # compare.sh configures it, in one process); the count starts after a warm-up and covers
 # exactly N requests of one shape:
 #   keepalive  GET, 100-byte answer, $CONNECTIONS keep-alive connections (64; h2load --h1)
+#   graphql    keepalive's, with a 100-byte GraphQL answer (JSON: read for a rejection)
 #   churn      the same with a new connection per request, 8 at a time
 #   h2         h2c in, HTTP/1.1 out, 8 connections x 8 streams
 #
@@ -68,6 +69,7 @@ load() {
   local out url="http://127.0.0.1:$2/"
   case $1 in
     keepalive) out=$(h2load --h1 -n "$3" -c "$CONNECTIONS" "$url") ;;
+    graphql) out=$(h2load --h1 -n "$3" -c "$CONNECTIONS" "${url}graphql") ;;
     churn) out=$(h2load --h1 -n "$3" -c 8 -H 'Connection: close' "$url") ;;
     h2) out=$(h2load -n "$3" -c 8 -m 8 "$url") ;;
   esac
@@ -79,7 +81,7 @@ for proxy in $PROXIES; do
   case $proxy in ours | nginx) ;; *) echo "unknown proxy $proxy (ours, nginx)" >&2; exit 1 ;; esac
 done
 for shape in $SHAPES; do
-  case $shape in keepalive | churn | h2) ;; *) echo "unknown shape $shape (keepalive, churn, h2)" >&2; exit 1 ;; esac
+  case $shape in keepalive | graphql | churn | h2) ;; *) echo "unknown shape $shape (keepalive, graphql, churn, h2)" >&2; exit 1 ;; esac
 done
 [[ " $PROXIES " != *" nginx "* ]] || fetch_token
 

@@ -54,12 +54,14 @@ wait_port() {
 pin=()
 [[ -z ${LOAD_CPU:-} ]] || pin=(taskset -c "$LOAD_CPU")
 
-# start_upstream: nginx answering from memory, 100 bytes at / and 1 MiB at /big; sets UP.
+# start_upstream: nginx answering from memory, 100 bytes at / and 1 MiB at /big, and at /graphql
+# a 100-byte GraphQL answer (application/json, which the proxy reads for a rejection); sets UP.
 start_upstream() {
   UP=$(free_port)
   mkdir -p "$WORK/up"
   head -c 100 /dev/zero | tr '\0' x > "$WORK/up/small"
   head -c 1048576 /dev/zero | tr '\0' x > "$WORK/up/big"
+  printf '{"data":{"media":{"title":"%s"}}}' "$(head -c 69 /dev/zero | tr '\0' t)" > "$WORK/up/graphql"
   cat > "$WORK/up.conf" <<EOF
 daemon off; worker_processes 1; pid $WORK/up.pid; error_log $WORK/up.err;
 events { worker_connections 4096; }
@@ -67,6 +69,7 @@ http { access_log off; keepalive_requests 1000000;
   client_body_temp_path $WORK; proxy_temp_path $WORK; fastcgi_temp_path $WORK; uwsgi_temp_path $WORK; scgi_temp_path $WORK;
   server { listen 127.0.0.1:$UP; root $WORK/up;
     location = /big { default_type application/octet-stream; }
+    location = /graphql { default_type application/json; }
     location / { default_type text/plain; try_files /small =404; } } }
 EOF
   "${pin[@]}" nginx -c "$WORK/up.conf" -p "$WORK" 2>/dev/null & PIDS+=($!)

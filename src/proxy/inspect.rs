@@ -20,41 +20,36 @@ pub enum Inspected {
     Rejected(Response<ProxyBody>, String),
 }
 
-/// What an answer's head tells.
-pub enum Head {
-    /// Judged by the head alone.
-    Judged(Inspected),
-    /// A small JSON answer: its body is to be read ([`inspect_body`]).
-    ReadBody(Response<UpstreamBody>),
-}
-
 /// Judges an answer. Only a small, uncompressed JSON answer with status 200 is read (and then
 /// passed on from memory); every other answer streams through untouched.
 pub async fn inspect(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
-    match inspect_head(response) {
-        Head::Judged(inspected) => Ok(inspected),
-        Head::ReadBody(response) => inspect_body(response).await,
+    if passes_by_head(&response) {
+        return Ok(Inspected::Pass(response.map(ProxyBody::Upstream)));
     }
+    inspect_unpassed(response).await
 }
 
-/// Judges an answer by its head where that is enough. Not `async`: a future of its own
-/// would keep the answer once more and copy it in and out, for every answer, where only
-/// small JSON answers with status 200 need their body read.
-pub fn inspect_head(response: Response<UpstreamBody>) -> Head {
+/// Judges an answer that [`passes_by_head`] did not pass: a 401, or a small JSON answer that
+/// is read.
+pub async fn inspect_unpassed(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
     if response.status() == StatusCode::UNAUTHORIZED {
-        return Head::Judged(Inspected::Rejected(
+        return Ok(Inspected::Rejected(
             response.map(ProxyBody::Upstream),
             "HTTP_401".to_owned(),
         ));
     }
-    if !may_be_rejection(response.status(), response.headers()) {
-        return Head::Judged(Inspected::Pass(response.map(ProxyBody::Upstream)));
-    }
-    Head::ReadBody(response)
+    inspect_body(response).await
+}
+
+/// Whether an answer's head alone says it is no rejection: [`inspect`] would pass it on
+/// untouched, without reading its body.
+pub fn passes_by_head<B>(response: &Response<B>) -> bool {
+    response.status() != StatusCode::UNAUTHORIZED
+        && !may_be_rejection(response.status(), response.headers())
 }
 
 /// Reads a small JSON answer, which is then passed on from memory, and judges it.
-pub async fn inspect_body(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
+async fn inspect_body(response: Response<UpstreamBody>) -> Result<Inspected, ProxyError> {
     let (parts, body) = response.into_parts();
     let bytes = Limited::new(body, INSPECT_LIMIT as usize)
         .collect()

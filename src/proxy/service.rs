@@ -3,7 +3,7 @@
 use super::body::{body_timeout_in, BodyPace, Metered, ProxyBody, RequestBody, TimedBody};
 use super::error::{Fault, ProxyError};
 use super::headers::{is_valid_host, remove_hop_by_hop, ClientAddress};
-use super::inspect::{inspect, inspect_body, inspect_head, Head, Inspected};
+use super::inspect::{inspect, inspect_unpassed, passes_by_head, Inspected};
 use super::path::{self, PathError};
 use super::pool::SendError;
 use super::record::Record;
@@ -202,12 +202,12 @@ impl Proxy {
                 }
                 None => None,
             };
+            let upgrading = upgrade.is_some();
             // Keep a small body for a replay, or stream it. The head is kept without the
             // forwarding headers: a replay makes them again from the same client, and most
             // requests are never replayed.
             let socket = &client.0.conn.signals;
-            let (body, replay) = match self.stream_or_budget(route, body, upgrade.is_none(), socket)
-            {
+            let (body, replay) = match self.stream_or_budget(route, body, !upgrading, socket) {
                 Kept::Decided(body, replay) => (
                     body,
                     replay.then(|| Replay::bodiless(&parts, forwarded_host.clone())),
@@ -228,51 +228,104 @@ impl Proxy {
             }
             let request = Request::from_parts(parts, body);
 
-            // Forward; once more if the upstream closed a reused connection under it.
-            let response = match self.forward(route, request, client, false).await {
-                Err(ProxyError::UpstreamDropped(error)) => {
-                    crate::apart(|| self.resend(route, &sent, replay.as_ref(), client, error))
-                        .await?
-                }
-                answered => answered?,
-            };
-            if let Some((on_upgrade, asked)) = upgrade {
-                let tunnel = TunnelParts {
-                    account: route.account.clone(),
-                    sent,
-                    conn: client.0.conn.clone(),
-                    idle_timeout: self.tunnel_idle_timeout,
-                };
-                let response = upgrade::tunnel(response, on_upgrade, &asked, tunnel);
-                return Ok((response, route));
-            }
-            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                return Err(ProxyError::UpstreamSwitched);
-            }
-
-            // Response filter.
-            let inspected = match inspect_head(response) {
-                Head::Judged(inspected) => inspected,
-                // Boxed: the read keeps the head and the body's collection, room that an answer
-                // judged by its head (a large, non-JSON or non-200 one) would carry unused.
-                Head::ReadBody(response) => crate::apart(|| inspect_body(response)).await?,
-            };
-            let mut response = match inspected {
-                Inspected::Pass(response) => response,
-                Inspected::Rejected(original, code) => {
-                    route.account.stats().rejection(&code);
-                    let (response, outcome) = crate::apart(|| {
-                        self.after_rejection(route, sent, original, replay, client)
+            // Forward. An answer that passes as it came (no upgrade, no switch, not possibly a
+            // rejection: most of them) is answered here, the others apart. The match awaits in
+            // no arm: an answer matched across a wait is stored in this future, and written
+            // there for every request (the forward's result, the head's judgement and the
+            // answer were, about 700 bytes).
+            let settling: Settling<'_> = match self.forward(route, request, client, false).await {
+                Ok(response)
+                    if !upgrading && response.status() != http::StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    if passes_by_head(&response) {
+                        return Ok((passed(response.map(ProxyBody::Upstream)), route));
+                    }
+                    crate::pin_in_place(|| {
+                        self.judge(response, route, &sent, replay.as_ref(), client)
                     })
-                    .await?;
-                    route.account.stats().replay(outcome);
-                    response
                 }
+                answered => crate::pin_in_place(|| {
+                    self.settle(answered, route, &sent, replay.as_ref(), upgrade, client)
+                }),
             };
-            // The proxy alone decides how its client connection carries on.
-            remove_hop_by_hop(response.headers_mut());
-            Ok((response, route))
+            Ok((settling.await?, route))
         }
+    }
+
+    /// Judges an answer that [`passes_by_head`] did not pass (a 401, or a small JSON answer,
+    /// which is read) and recovers from a rejection. The answers of a GraphQL API come this
+    /// way: a future of its own, small, with the rare recovery apart.
+    async fn judge(
+        &self,
+        response: Response<UpstreamBody>,
+        route: &Route,
+        sent: &HeaderValue,
+        replay: Option<&Replay<'_>>,
+        client: &ProxyService,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (original, code) = match inspect_unpassed(response).await? {
+            Inspected::Pass(response) => return Ok(passed(response)),
+            Inspected::Rejected(original, code) => (original, code),
+        };
+        crate::apart(|| self.recover(route, sent, original, code, replay, client)).await
+    }
+
+    /// Settles what else [`Proxy::forward`] brought back: sends the request once more if the
+    /// upstream closed a reused connection under it, makes the tunnel of an upgrade, refuses a
+    /// switch of protocols that was not asked for, and judges the answer.
+    async fn settle(
+        &self,
+        answered: Result<Response<UpstreamBody>, ProxyError>,
+        route: &Route,
+        sent: &HeaderValue,
+        replay: Option<&Replay<'_>>,
+        upgrade: Option<(OnUpgrade, HeaderValue)>,
+        client: &ProxyService,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let response = match answered {
+            Err(ProxyError::UpstreamDropped(error)) => {
+                self.resend(route, sent, replay, client, error).await?
+            }
+            answered => answered?,
+        };
+        if let Some((on_upgrade, asked)) = upgrade {
+            let tunnel = TunnelParts {
+                account: route.account.clone(),
+                sent: sent.clone(),
+                conn: client.0.conn.clone(),
+                idle_timeout: self.tunnel_idle_timeout,
+            };
+            return Ok(upgrade::tunnel(response, on_upgrade, &asked, tunnel));
+        }
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ProxyError::UpstreamSwitched);
+        }
+        match inspect(response).await? {
+            Inspected::Pass(response) => Ok(passed(response)),
+            Inspected::Rejected(original, code) => {
+                self.recover(route, sent, original, code, replay, client)
+                    .await
+            }
+        }
+    }
+
+    /// Recovers from the rejection `code` of the token `sent` ([`Proxy::after_rejection`]),
+    /// counted.
+    async fn recover(
+        &self,
+        route: &Route,
+        sent: &HeaderValue,
+        original: Response<ProxyBody>,
+        code: String,
+        replay: Option<&Replay<'_>>,
+        client: &ProxyService,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        route.account.stats().rejection(&code);
+        let (response, outcome) = self
+            .after_rejection(route, sent, original, replay, client)
+            .await?;
+        route.account.stats().replay(outcome);
+        Ok(passed(response))
     }
 
     /// The request filter and the choice of upstream: refuses what this proxy never serves
@@ -502,20 +555,20 @@ impl Proxy {
     async fn after_rejection(
         &self,
         route: &Route,
-        sent: HeaderValue,
+        sent: &HeaderValue,
         original: Response<ProxyBody>,
-        replay: Option<Replay<'_>>,
+        replay: Option<&Replay<'_>>,
         client: &ProxyService,
     ) -> Result<(Response<ProxyBody>, ReplayOutcome), ProxyError> {
         let account = &route.account;
-        if account.reject(&sent) == Rejection::Held {
+        if account.reject(sent) == Rejection::Held {
             return Ok((original, ReplayOutcome::Held));
         }
         let Some(replay) = replay else {
             return Ok((original, ReplayOutcome::NotKept));
         };
         let fresh = match Box::pin(account.header_or_wait(self.token_wait)).await {
-            Ok(fresh) if fresh != sent => fresh,
+            Ok(fresh) if fresh != *sent => fresh,
             _ => return Ok((original, ReplayOutcome::NoToken)),
         };
         let again = replay.request(fresh.clone(), &client.0.address, self.forwarding_headers);
@@ -536,6 +589,17 @@ impl Proxy {
             }
         }
     }
+}
+
+/// The rest of a request whose answer did not pass as it came ([`Proxy::judge`],
+/// [`Proxy::settle`]).
+type Settling<'a> =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a>>;
+
+/// An answer passed on: the proxy alone decides how its client connection carries on.
+fn passed(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    remove_hop_by_hop(response.headers_mut());
+    response
 }
 
 /// Logs a forwarded request (`debug`). This and the other events of a request's poll are

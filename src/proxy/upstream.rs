@@ -234,9 +234,8 @@ fn finish_in_background(future: Sending, slot: Option<OwnedSemaphorePermit>) {
     in_background(async move {
         let deadline = tokio::time::Instant::now() + DRAIN_TIME;
         if let Ok(Ok((response, conn))) = tokio::time::timeout_at(deadline, future).await {
-            drain(response.into_body(), conn, deadline).await;
+            drain(response.into_body(), slot, conn, deadline).await;
         }
-        drop(slot);
     });
 }
 
@@ -349,10 +348,12 @@ impl Drop for UpstreamBody {
 #[cold]
 #[inline(never)]
 fn drain_in_background(body: Incoming, slot: Option<OwnedSemaphorePermit>, conn: Option<Pooled>) {
-    in_background(async move {
-        drain(body, conn, tokio::time::Instant::now() + DRAIN_TIME).await;
-        drop(slot);
-    });
+    in_background(drain(
+        body,
+        slot,
+        conn,
+        tokio::time::Instant::now() + DRAIN_TIME,
+    ));
 }
 
 /// Runs `work` on the runtime, if there still is one (a drop at runtime shutdown has none).
@@ -364,8 +365,13 @@ fn in_background(work: impl Future<Output = ()> + Send + 'static) {
 
 /// Reads `body` to its end if that takes at most [`DRAIN_LIMIT_BYTES`] and ends by
 /// `deadline`, then gives its connection `conn` back to the pool; otherwise drops both,
-/// which closes the connection.
-async fn drain(mut body: Incoming, conn: Option<Pooled>, deadline: tokio::time::Instant) {
+/// which closes the connection. The request's place, `slot`, is held until then.
+async fn drain(
+    mut body: Incoming,
+    slot: Option<OwnedSemaphorePermit>,
+    conn: Option<Pooled>,
+    deadline: tokio::time::Instant,
+) {
     use http_body_util::BodyExt;
     let mut read = 0;
     let reading = async {
@@ -388,4 +394,5 @@ async fn drain(mut body: Incoming, conn: Option<Pooled>, deadline: tokio::time::
     if let (true, Some(conn)) = (ended, conn) {
         conn.give_back();
     }
+    drop(slot);
 }

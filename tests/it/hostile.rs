@@ -654,6 +654,25 @@ async fn only_websocket_upgrades_are_tunnelled_and_no_tunnel_bytes_reach_the_ups
 }
 
 #[tokio::test]
+async fn an_upstream_that_switches_protocols_unasked_gets_its_client_a_502() {
+    let stubs = Stubs::start(StubSettings::default()).await;
+    let upstream = RawUpstream::start(|_| {
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    })
+    .await;
+    let proxy = proxy_with(&stubs, "", &raw_route(&upstream)).await;
+    // Asked for nothing, or for a protocol the route does not allow (not passed on).
+    for upgrade in ["", "Connection: upgrade\r\nUpgrade: my-own-protocol\r\n"] {
+        let request =
+            format!("GET /raw/x HTTP/1.1\r\nHost: a\r\n{upgrade}Connection: close\r\n\r\n");
+        let answer = raw(proxy.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{upgrade:?}: {answer}");
+        assert!(answer.contains("upstream_failed"), "{answer}");
+    }
+    assert!(upstream.received().contains("get /raw/x"));
+}
+
+#[tokio::test]
 async fn http1_requests_need_exactly_one_valid_host() {
     let h = harness(StubSettings::default()).await;
     for head in [
