@@ -8,12 +8,14 @@
 #   ROUNDS=5 DUR=10 SCENARIOS="small h2" PROXIES="ours nginx" benches/compare.sh
 #   BIN=path/to/mosaic-auth-proxy benches/compare.sh   # that binary instead of a release build
 #   CONNECTIONS=8 SCENARIOS=small benches/compare.sh    # small over 8 connections instead of 64
+#   SCENARIOS="small graphql" benches/compare.sh        # and small JSON answers
 #
 # Needs wrk and h2load (apt-get install wrk nghttp2-client); nginx and haproxy are compared
 # when installed (apt-get install nginx haproxy). Each proxy runs alone on CPU 1 with one
 # worker; the load generator and the upstream (nginx answering 100 bytes, or 1 MiB for
 # "big") share CPU 0. Scenarios: small (GET, 100-byte answer, $CONNECTIONS keep-alive
-# connections, 64 by default),
+# connections, 64 by default), graphql (the same with a 100-byte GraphQL answer, JSON, which
+# this proxy reads for a token rejection: the answers of a GraphQL API such as Mosaic's),
 # big (1 MiB answers, 16 connections), churn (a new connection per request, 16 at once),
 # h2 (h2c in, HTTP/1.1 out, 8 connections x 8 streams). Per proxy and scenario: requests/s,
 # p99 latency, the proxy's CPU time per request (user + system, from /proc) and the user
@@ -42,6 +44,9 @@ for p in $PROXIES; do
     nginx|haproxy) if command -v "$p" >/dev/null; then available+=("$p"); else echo "skipping $p: not installed" >&2; fi ;;
     *) echo "unknown proxy $p" >&2; exit 1 ;;
   esac
+done
+for s in $SCENARIOS; do
+  case $s in small | graphql | big | churn | h2) ;; *) echo "unknown scenario $s (small, graphql, big, churn, h2)" >&2; exit 1 ;; esac
 done
 
 . benches/loopback.sh
@@ -118,6 +123,7 @@ measure() {
   read -r user0 sys0 < <(cpu_ticks "$PROXY_PID")
   case $scenario in
     small) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DUR}s" --latency "$url") ;;
+    graphql) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DUR}s" --latency "${url}graphql") ;;
     big) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c16 -d"${DUR}s" --latency "${url}big") ;;
     churn) out=$(taskset -c "$LOAD_CPU" wrk -t1 -c16 -d"${DUR}s" --latency -H "Connection: close" "$url") ;;
     h2) out=$(taskset -c "$LOAD_CPU" h2load -c8 -m8 -D"$DUR" "http://127.0.0.1:$port/") ;;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains the profile that every optimized x86_64 Linux build of the proxy is compiled with
 # (pgo/x86_64-linux.llvm<N>.profdata, handed to rustc by pgo/rustc): builds the proxy
-# instrumented, runs it alone under benches/compare.sh's load (small, big, churn, h2), merges
-# what it counted, and rebuilds the release binary with the new profile.
+# instrumented, runs it alone under benches/compare.sh's load (small, graphql, big, churn, h2:
+# graphql's small JSON answers are read for a rejection, as a GraphQL API's are), merges what
+# it counted, and rebuilds the release binary with the new profile.
 #
 #   benches/pgo.sh            # about 10 minutes on 2 cores
 #   DUR=8 benches/pgo.sh      # seconds of load per scenario (default 4)
@@ -76,7 +77,7 @@ RUSTFLAGS="-Cprofile-generate=$WORK/build" \
 
 echo "pgo: training under benches/compare.sh's load" >&2
 LLVM_PROFILE_FILE="$WORK/run/%p.profraw" BIN=$PWD/target/pgo-train/release/mosaic-auth-proxy \
-  PROXIES=ours ROUNDS=1 DUR=${DUR:-4} benches/compare.sh
+  PROXIES=ours ROUNDS=1 DUR=${DUR:-4} SCENARIOS="small graphql big churn h2" benches/compare.sh
 shopt -s nullglob
 raw=("$WORK"/run/*.profraw)
 ((${#raw[@]} > 0)) || { echo "pgo: the training wrote no profile" >&2; exit 1; }
