@@ -300,13 +300,10 @@ impl Proxy {
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             return Err(ProxyError::UpstreamSwitched);
         }
-        match inspect(response).await? {
-            Inspected::Pass(response) => Ok(passed(response)),
-            Inspected::Rejected(original, code) => {
-                self.recover(route, sent, original, code, replay, client)
-                    .await
-            }
+        if passes_by_head(&response) {
+            return Ok(passed(response.map(ProxyBody::Upstream)));
         }
+        self.judge(response, route, sent, replay, client).await
     }
 
     /// Recovers from the rejection `code` of the token `sent` ([`Proxy::after_rejection`]),
