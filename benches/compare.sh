@@ -9,6 +9,7 @@
 #   BIN=path/to/mosaic-auth-proxy benches/compare.sh   # that binary instead of a release build
 #   CONNECTIONS=8 SCENARIOS=small benches/compare.sh    # small over 8 connections instead of 64
 #   SCENARIOS="small graphql" benches/compare.sh        # and small JSON answers
+#   FORWARDING='[]' benches/compare.sh  # no forwarding headers: the peers' job exactly
 #
 # Needs wrk and h2load (apt-get install wrk nghttp2-client); nginx and haproxy are compared
 # when installed (apt-get install nginx haproxy). Each proxy runs alone on CPU 1 with one

@@ -17,6 +17,7 @@
 #   CACHE=1 benches/instructions.sh                  # and cache misses, mispredicted branches
 #   CACHE=1 SORT=D1mw TOP=12 benches/instructions.sh # the 12 functions with the most D1 write misses
 #   BIN=path/to/mosaic-auth-proxy benches/instructions.sh   # that binary instead of a release build
+#   FORWARDING='[]' benches/instructions.sh          # no forwarding headers (server.forwarding_headers)
 #
 # A function's own cost is what was not inlined into its caller: with fat LTO and the trained
 # profile, most of the request path is counted in a handful of functions. Names come from the

@@ -84,12 +84,19 @@ start_identity() {
 }
 
 # config_ours PORT: the proxy's configuration for the job, one worker, in $WORK/ours.toml;
-# the secret comes from BENCH_SECRET=demo-secret.
+# the secret comes from BENCH_SECRET=demo-secret. FORWARDING, if set, is the proxy's
+# server.forwarding_headers: FORWARDING='[]' sends none, the job nginx and haproxy are given.
 config_ours() {
+  local forwarding=
+  if [[ -n ${FORWARDING:-} ]]; then
+    [[ $FORWARDING =~ ^\[[a-z\",\ -]*\]$ ]] || { echo "FORWARDING must be a TOML list of header names, e.g. '[]'" >&2; return 1; }
+    forwarding="forwarding_headers = $FORWARDING"
+  fi
   cat > "$WORK/ours.toml" <<EOF
 [server]
 listen = "127.0.0.1:$1"
 workers = 1
+$forwarding
 [identity]
 origin = "http://127.0.0.1:$ID"
 [accounts.bench]
